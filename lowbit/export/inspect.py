@@ -1,0 +1,91 @@
+"""What an artifact holds, read from lowbit.json and the safetensors header alone (no model build)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+from lowbit.model.sources import ARTIFACT_FILE, check_safetensors
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+          "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _header(path: Path) -> dict:
+    check_safetensors(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def compute_path(spec: dict | None) -> str:
+    """Which forward path a module runs: "reference" is dequantize + matmul; "int8-dynamic" quantizes
+    activations per token and runs torch._int_mm; "float" is an unquantized module."""
+    if spec is None:
+        return "float"
+    if spec.get("activation") == "int8_dynamic":
+        return "int8-dynamic"
+    return "reference"
+
+
+def artifact_summary(folder: str | Path) -> dict:
+    folder = Path(folder)
+    meta_path = folder / ARTIFACT_FILE
+    if not meta_path.is_file():
+        raise LowbitError(f"artifact {folder}: {ARTIFACT_FILE} not found; fix: pass a folder written by `lowbit quantize`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        modules = meta["modules"]
+    except (json.JSONDecodeError, KeyError, OSError) as e:
+        raise LowbitError(f"artifact file {meta_path}: is damaged ({e}); quantize again") from None
+    header = _header(folder / "model.safetensors")
+    sizes = {k: _BYTES.get(v["dtype"], 4) * _numel(v["shape"]) for k, v in header.items()}
+    rows, q_bytes, q_params = [], 0, 0
+    claimed = set()
+    for name, m in modules.items():
+        params = m["in_features"] * m["out_features"]
+        keys = [k for k in header if k.rpartition(".")[0] == name]
+        claimed.update(keys)
+        nbytes = sum(sizes[k] for k in keys)
+        if m["spec"] is not None:
+            q_bytes += sum(sizes[k] for k in keys if not k.endswith(".bias"))
+            q_params += params
+        spec = m["spec"]
+        fmt = "kept (" + meta["recipe"].get("keep_dtype", "?") + ")" if spec is None else _label(spec)
+        rows.append({"name": name, "format": fmt, "in_features": m["in_features"], "out_features": m["out_features"],
+                     "bytes": nbytes, "bits_per_weight": 8 * nbytes / params if nbytes else 0.0,
+                     "path": compute_path(spec), "note": m.get("note", "") or ("tied to the embeddings" if not keys else "")})
+    total_bytes = sum(sizes.values())
+    # parameters: quantized linears count as in*out; everything else by its stored numel
+    other = sum(_numel(v["shape"]) for k, v in header.items() if k not in claimed)
+    stored = {k.rpartition(".")[0] for k in claimed}  # a tied head stores nothing of its own
+    params = other + sum(m["in_features"] * m["out_features"] for n, m in modules.items() if n in stored)
+    return {
+        "artifact": str(folder),
+        "lowbit_version": meta.get("lowbit_version"),
+        "recipe": meta.get("recipe", {}),
+        "source": meta.get("source", {}),
+        "bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "weight_bytes": total_bytes,
+        "parameters": params,
+        "model_bits_per_weight": 8 * total_bytes / max(params, 1),
+        "linear_bits_per_weight": 8 * q_bytes / max(q_params, 1),
+        "modules": rows,
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _label(spec: dict) -> str:
+    from lowbit.formats.spec import QuantSpec
+
+    return QuantSpec.from_dict(spec).label

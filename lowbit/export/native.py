@@ -1,0 +1,101 @@
+"""The native lowbit artifact: a folder a new process can load back to identical logits.
+
+    model.safetensors   QLinear buffers (qdata, scale, ...) and every kept tensor in keep_dtype
+    config.json         the transformers config (tie_word_embeddings off when the head is quantized)
+    tokenizer files     copied through the tokenizer's own save_pretrained
+    lowbit.json         format + version, lowbit version, recipe, per-module plan, source identity
+
+The folder is written under a temporary name beside the target and renamed into place, so an
+interrupted run leaves no half-written artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.formats.affine import torch_dtype
+from lowbit.model.load import ARTIFACT_FORMAT, ARTIFACT_FORMAT_VERSION
+from lowbit.model.qlinear import QLinear
+from lowbit.model.quantize import plans_to_json
+from lowbit.model.sources import ARTIFACT_FILE
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse to clobber an existing folder unless forced; fail early on an unwritable parent."""
+    if out.exists() and not force:
+        raise LowbitError(f"output folder {out}: already exists; fix: choose another --out, or pass --force to replace it")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LowbitError(f"output folder {out}: its parent cannot be created ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise LowbitError(f"output folder {out}: {parent} is not writable; fix: choose another --out")
+
+
+def artifact_state(model: torch.nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
+    """Tensors to store: QLinear buffers as they are, other floats in keep_dtype, tied copies once."""
+    dt = torch_dtype(keep_dtype)
+    qnames = {n for n, m in model.named_modules() if isinstance(m, QLinear)}
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        owner = name.rpartition(".")[0]
+        if owner in qnames and not name.endswith(".bias"):
+            state[name] = t.contiguous()
+        elif t.is_floating_point():
+            c = t.to(dt)
+            state[name] = (c if torch.isfinite(c).all() or not torch.isfinite(t).all() else t).contiguous()
+        else:
+            state[name] = t.contiguous()
+    return state
+
+
+def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: dict, force: bool = False) -> Path:
+    out = Path(out)
+    recipe = getattr(model, "lowbit_recipe", None)
+    plans = getattr(model, "lowbit_plan", None)
+    if recipe is None or plans is None:
+        raise LowbitError("save: the model has not been quantized by lowbit (no recipe attached); call lowbit.quantize first")
+    prepare_out_dir(out, force)
+    tmp = out.resolve().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(artifact_state(model, recipe.keep_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "format_version": ARTIFACT_FORMAT_VERSION,
+            "lowbit_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source,
+            "recipe": recipe.to_dict(),
+            "modules": plans_to_json(plans),
+        }
+        (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
+        if out.exists():  # --force: swap the old one out only once the new one is complete
+            old = out.resolve().parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,93 @@
+"""QTensor: a quantized 2-D weight as plain tensors (what is stored) plus its spec and shape.
+
+`quantize_tensor` and `dequantize_tensor` dispatch on the spec's kind; the stored tensors are
+named so that an artifact is self-describing:
+
+    int   qdata (packed uint8, or int8/uint8 at 8 bits), scale, [zero_point]
+    nf4   qdata (packed uint8 codes), absmax  |  absmax_q, absmax_scale, absmax_mean (double quant)
+    fp8   qdata (float8), scale
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats import affine, fp8, nf4, packing
+from lowbit.formats.spec import QuantSpec
+
+
+@dataclass
+class QTensor:
+    spec: QuantSpec
+    shape: tuple[int, int]  # (out_features, in_features) of the original weight
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+
+def _as_2d(w: torch.Tensor) -> torch.Tensor:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    return w
+
+
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> QTensor:
+    w = _as_2d(w).detach()
+    rows, cols = w.shape
+    if spec.kind == "int":
+        scale, zero = affine.choose_qparams(w, spec)
+        q = affine.quantize(w, scale, zero, spec)
+        if spec.bits < 8:
+            offset = 0 if zero is not None else 2 ** (spec.bits - 1)  # signed -> unsigned for packing
+            q = packing.pack(q.to(torch.int32) + offset, spec.bits)
+        out = {"qdata": q, "scale": scale}
+        if zero is not None:
+            out["zero_point"] = zero
+        return QTensor(spec, (rows, cols), out)
+    if spec.kind == "nf4":
+        absmax = affine.as_groups(w.float(), spec).abs().amax(dim=-1)  # (rows, n_groups)
+        if spec.double_quant:
+            aq, ascale, amean = nf4.double_quantize(absmax)
+            absmax = nf4.double_dequantize(aq, ascale, amean, tuple(absmax.shape))
+            stored = {"absmax_q": aq, "absmax_scale": ascale, "absmax_mean": amean}
+        else:
+            stored = {"absmax": absmax}
+        codes = nf4.quantize(w, absmax, spec)
+        return QTensor(spec, (rows, cols), {"qdata": packing.pack(codes, 4), **stored})
+    scale = fp8.choose_scale(w, spec)
+    return QTensor(spec, (rows, cols), {"qdata": fp8.quantize(w, scale, spec), "scale": scale})
+
+
+def dequantize_tensor(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    spec, t = qt.spec, qt.tensors
+    rows, cols = qt.shape
+    if spec.kind == "int":
+        q = t["qdata"]
+        zero = t.get("zero_point")
+        if spec.bits < 8:
+            q = packing.unpack(q, spec.bits, cols).to(torch.int16)
+            if zero is None:
+                q = q - 2 ** (spec.bits - 1)
+        return affine.dequantize(q, t["scale"], zero, spec, dtype)
+    if spec.kind == "nf4":
+        codes = packing.unpack(t["qdata"], 4, cols)
+        if spec.double_quant:
+            n_groups = cols // spec.group_size
+            absmax = nf4.double_dequantize(t["absmax_q"], t["absmax_scale"], t["absmax_mean"], (rows, n_groups))
+        else:
+            absmax = t["absmax"]
+        return nf4.dequantize(codes, absmax, spec, dtype)
+    return fp8.dequantize(t["qdata"], t["scale"], spec, dtype)
+
+
+def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize then dequantize: what the model will compute with, in w's dtype."""
+    return dequantize_tensor(quantize_tensor(w, spec), w.dtype)

@@ -1,0 +1,114 @@
+"""QuantSpec: what one tensor's quantized format is. Frozen, versioned, validated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+SPEC_VERSION = 1
+
+KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
+GRANULARITIES = ("tensor", "channel", "group")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+# "none": weight-only. "int8_dynamic": activations quantized per token at run time.
+ACTIVATIONS = ("none", "int8_dynamic")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The storage format of one weight tensor.
+
+    kind:        "int" (affine integer), "nf4" (QLoRA NormalFloat-4), "fp8_e4m3", "fp8_e5m2".
+    bits:        2..8 for "int"; 4 for "nf4"; 8 for fp8.
+    granularity: "tensor" (one scale), "channel" (one per output row), "group" (one per
+                 `group_size` consecutive inputs of a row).
+    symmetric:   int only. True: q = round(x/s), zero point 0. False: q = round(x/s) + z.
+    double_quant: nf4 only. Quantize the per-group absmax scales to int8 (QLoRA).
+    scale_dtype: dtype the scales are stored in.
+    activation:  "none" or "int8_dynamic" (per-token int8 activations, int8 x int8 matmul).
+    """
+
+    kind: str = "int"
+    bits: int = 8
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    double_quant: bool = False
+    scale_dtype: str = "float32"
+    activation: str = "none"
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field: str, msg: str) -> LowbitError:
+            return LowbitError(f"quantization scheme field '{field}': {msg}")
+
+        if self.version != SPEC_VERSION:
+            raise bad("version", f"{self.version} is not supported (this lowbit reads version {SPEC_VERSION})")
+        if self.kind not in KINDS:
+            raise bad("kind", f"'{self.kind}' is unknown; use one of {', '.join(KINDS)}")
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", f"'{self.granularity}' is unknown; use one of {', '.join(GRANULARITIES)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise bad("scale_dtype", f"'{self.scale_dtype}' is unknown; use one of {', '.join(SCALE_DTYPES)}")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"'{self.activation}' is unknown; use one of {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise bad("bits", f"must be an integer, got {self.bits!r}")
+        if self.kind == "int" and not 2 <= self.bits <= 8:
+            raise bad("bits", f"{self.bits} is out of range; integer formats take 2 to 8 bits")
+        if self.kind == "nf4" and self.bits != 4:
+            raise bad("bits", "nf4 is a 4-bit format; set bits: 4")
+        if self.kind.startswith("fp8") and self.bits != 8:
+            raise bad("bits", "fp8 formats are 8-bit; set bits: 8")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+                raise bad("group_size", f"granularity 'group' needs a positive integer group_size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise bad("group_size", f"only granularity 'group' takes a group_size (granularity is '{self.granularity}')")
+        if self.kind == "nf4" and self.granularity != "group":
+            raise bad("granularity", "nf4 scales are per group (absmax blocks); set granularity: group, group_size: 64")
+        if self.double_quant and self.kind != "nf4":
+            raise bad("double_quant", "double quantization of scales is defined for nf4 only")
+        if self.kind != "int" and not self.symmetric:
+            raise bad("symmetric", f"{self.kind} is symmetric by construction; remove 'symmetric: false'")
+        if self.activation == "int8_dynamic" and not (self.kind == "int" and self.bits == 8 and self.symmetric):
+            raise bad("activation", "int8_dynamic activations need symmetric 8-bit integer weights (kind: int, bits: 8, symmetric: true)")
+        if self.activation == "int8_dynamic" and self.granularity == "group":
+            raise bad("activation", "int8_dynamic needs per-channel or per-tensor weight scales; set granularity: channel")
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. 'int4 asym g128', 'nf4 g64 dq', 'int8 ch a8dyn'."""
+        if self.kind == "int":
+            name = f"int{self.bits}" + ("" if self.symmetric else " asym")
+        else:
+            name = self.kind
+        gran = {"tensor": "tensor", "channel": "ch", "group": f"g{self.group_size}"}[self.granularity]
+        extra = (" dq" if self.double_quant else "") + (" a8dyn" if self.activation == "int8_dynamic" else "")
+        return f"{name} {gran}{extra}"
+
+    def with_group_size(self, group_size: int) -> "QuantSpec":
+        return replace(self, group_size=group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "scheme") -> "QuantSpec":
+        if not isinstance(data, dict):
+            raise LowbitError(f"{where}: expected a mapping of fields (kind, bits, granularity, ...), got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LowbitError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except LowbitError as e:
+            raise LowbitError(f"{where}: {e}") from None
+        except TypeError as e:  # wrong value types that dataclass rejects
+            raise LowbitError(f"{where}: {e}") from None

@@ -1,0 +1,65 @@
+"""Text generation with streaming output (transformers' generate, fed through a small streamer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class _Streamer:
+    """Decodes the new tokens incrementally and hands each new piece of text to a callback."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        self.on_text(text[self.printed:])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+        self.printed = len(text)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> dict:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_dict=True, return_tensors="pt")
+    return dict(tokenizer(prompt, return_tensors="pt"))
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                  chat: bool = True, on_text: Callable[[str], None] | None = None) -> int:
+    """Generate and stream; returns the number of new tokens."""
+    inputs = encode_prompt(tokenizer, prompt, chat)
+    sample = temperature > 0
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, repetition_penalty=1.1,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=0.95)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    streamer = _Streamer(tokenizer, on_text) if on_text else None
+    out = model.generate(**inputs, streamer=streamer, **kwargs)
+    return out.shape[1] - inputs["input_ids"].shape[1]
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> str:
+    """Greedy completion as a string (for tests and scripts)."""
+    pieces: list[str] = []
+    generate_text(model, tokenizer, prompt, max_new_tokens, 0.0, chat, pieces.append)
+    return "".join(pieces)

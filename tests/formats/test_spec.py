@@ -1,0 +1,34 @@
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import QuantSpec
+
+
+def test_spec_is_frozen_and_round_trips():
+    s = QuantSpec(kind="int", bits=4, granularity="group", group_size=64, symmetric=False)
+    with pytest.raises(Exception):
+        s.bits = 3  # type: ignore[misc]
+    assert QuantSpec.from_dict(s.to_dict()) == s
+    assert s.to_dict()["version"] == 1
+    assert s.label == "int4 asym g64"
+
+
+@pytest.mark.parametrize("fields, word", [
+    (dict(kind="int", bits=9), "bits"),
+    (dict(kind="int", bits=1), "bits"),
+    (dict(kind="int4"), "kind"),
+    (dict(kind="int", granularity="group"), "group_size"),
+    (dict(kind="int", granularity="channel", group_size=32), "group_size"),
+    (dict(kind="nf4", bits=4, granularity="channel"), "granularity"),
+    (dict(kind="fp8_e4m3", bits=4), "bits"),
+    (dict(kind="int", bits=4, activation="int8_dynamic"), "activation"),
+    (dict(kind="int", bits=8, double_quant=True), "double_quant"),
+])
+def test_invalid_specs_name_the_field(fields, word):
+    with pytest.raises(LowbitError, match=word):
+        QuantSpec(**fields)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(LowbitError, match="unknown field.*bitz"):
+        QuantSpec.from_dict({"kind": "int", "bitz": 4})
