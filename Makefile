@@ -1,0 +1,20 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both install from nothing.
+.PHONY: setup demo test test-fast bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/lowbit quantize --model smollm2-135m --recipe w4-g128 --out out/smollm2-w4 --force
+	.venv/bin/lowbit info out/smollm2-w4
+	.venv/bin/lowbit generate out/smollm2-w4 --prompt "What is the capital of France?"
+
+# Everything, the slow real-model tests included (CI runs this).
+test: setup
+	.venv/bin/python -m pytest -q
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"
+
+bench: setup
+	.venv/bin/python benchmarks/presets.py

