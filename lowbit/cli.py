@@ -193,6 +193,216 @@ def presets() -> None:
     out.print(table)
 
 
+def _say(msg: str) -> None:
+    err.print(f"[dim]{msg}[/]", highlight=False)
+
+
+def _finish_run(run: dict, report_root: Path, no_report: bool) -> Path | None:
+    """Write the HTML + Markdown report and record the run in the registry."""
+    if no_report:
+        return None
+    from lowbit.report.html import write_report
+    from lowbit.report.registry import record
+
+    stamp = run["created"].replace(":", "").replace("-", "")
+    folder = report_root / f"{run['kind']}-{stamp}"
+    html_path, _ = write_report(run, folder)
+    run_id = record(run, folder)
+    err.print(f"report: {html_path}  (run #{run_id}; `lowbit runs` lists past runs)", highlight=False)
+    return html_path
+
+
+def _print_eval(run: dict) -> None:
+    d = run["divergence"]
+    out.print(f"[bold]{run['candidate']['name']}[/] vs baseline [bold]{run['baseline']['name']}[/] "
+              f"({d['tokens']} tokens, {d['samples']} samples)", highlight=False)
+    out.print(f"perplexity {d['ppl_baseline']:.3f} -> {d['ppl_candidate']:.3f} "
+              f"({100 * (d['ppl_candidate'] / d['ppl_baseline'] - 1):+.2f}%)   mean KLD {d['mean_kld']:.4f}   "
+              f"p99 KLD {d['p99_kld']:.4f}   worst sample KLD {d['max_sample_kld']:.4f}   top-1 agreement {d['top1']:.3f}",
+              highlight=False)
+    if run["suites"]:
+        t = Table(title="suites")
+        for col in ("suite", "metric", "baseline", "candidate", "delta", "n", "notes"):
+            t.add_column(col, overflow="fold")
+        for su in run["suites"]:
+            t.add_row(su["name"], su["metric"], f"{su['baseline']:.3f}", f"{su['candidate']:.3f}", f"{su['delta']:+.3f}",
+                      str(su["n"]), su.get("notes", ""))
+        out.print(t)
+    t = Table(title="worst samples (by mean KLD)")
+    for col in ("sample", "ppl base", "ppl cand", "KLD", "text"):
+        t.add_column(col, overflow="fold")
+    for c in d["worst"]:
+        t.add_row(c["id"], str(c["baseline"]), str(c["candidate"]), f"{c['score']:.4f}", c["text"][:80].replace("\n", " "))
+    out.print(t)
+
+
+@app.command("eval")
+@_handle_errors
+def eval_cmd(
+    baseline: str = typer.Argument(..., help="The reference model: bundled name, HF folder, GGUF, or lowbit artifact."),
+    candidate: str = typer.Argument(..., help="The model to judge (same tokenizer)."),
+    suites: str = typer.Option("general,jargon,long_context,json", "--suites",
+                               help="Comma list of general, jargon, long_context, json, and user:FILE.jsonl."),
+    quick: bool = typer.Option(False, "--quick", help="Small samples: about a minute on the bundled model."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Wikipedia samples for divergence (16; quick 4)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=16, help="Tokens per sample (256; quick 128)."),
+    context: Optional[int] = typer.Option(None, "--context", min=128, help="Long-context length (2048; quick 512)."),
+    worst: int = typer.Option(5, "--worst", min=1, help="Worst samples to list."),
+    report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
+) -> None:
+    """Compare a candidate with its baseline on identical tokens: perplexity, KL divergence, top-1
+    agreement, the worst samples, and task suites (jargon, long context, JSON tool calls, your own JSONL).
+
+    Example: lowbit eval smollm2-135m out/smollm2-w4 --quick
+    """
+    from lowbit.eval.run import EvalOptions, evaluate, load_pair, parse_suites
+
+    names, files = parse_suites(suites)
+    _quiet_transformers()
+    base, cand = load_pair(baseline, candidate, _say)
+    run = evaluate(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=samples,
+                                           seq_len=seq_len, context=context, worst=worst), _say)
+    _print_eval(run)
+    _finish_run(run, report_dir, no_report)
+
+
+@app.command()
+@_handle_errors
+def gate(
+    spec: str = typer.Argument(..., help="A YAML success-criteria spec, or 'default'."),
+    baseline: str = typer.Argument(..., help="The reference model."),
+    candidate: str = typer.Argument(..., help="The model to judge."),
+    quick: bool = typer.Option(False, "--quick", help="Small samples (for CI): about a minute on the bundled model."),
+    report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
+) -> None:
+    """Check a candidate against success criteria; prints every criterion and exits 0 only if all pass
+    (1 if any fails, 2 on bad input). `lowbit gate default ...` uses the built-in spec (docs/gate.md).
+
+    Example: lowbit gate default smollm2-135m out/smollm2-int8 --quick
+    """
+    from lowbit.eval.gate import evaluate as gate_eval
+    from lowbit.eval.gate import load_spec
+    from lowbit.eval.run import EvalOptions, evaluate, load_pair
+
+    sp = load_spec(spec)
+    ev = sp.section("eval")
+    names = tuple(n for n in ("general", "jargon", "long_context", "json") if n == "general" or n in sp.suites)
+    files = (sp.suites["user"]["file"],) if "user" in sp.suites else ()
+    _quiet_transformers()
+    base, cand = load_pair(baseline, candidate, _say)
+    run = evaluate(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=ev.get("samples"),
+                                           seq_len=ev.get("seq_len"), context=ev.get("context")), _say)
+    run["kind"] = "gate"
+    if sp.section("latency"):
+        from lowbit.bench.latency import BenchConfig, bench_pair
+        from lowbit.data.corpora import wikipedia_text
+
+        cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
+        _say("latency benchmark")
+        run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=False)
+    run["gate"] = gate_eval(sp, run)
+    t = Table(title=f"gate: {sp.source}")
+    for col in ("criterion", "value", "", "threshold", "result"):
+        t.add_column(col)
+    for r in run["gate"]["criteria"]:
+        val = "n/a" if r["value"] is None else f"{r['value']:.4g}"
+        t.add_row(r["name"], val, r["op"], f"{r['threshold']:g}", "[green]PASS[/]" if r["passed"] else "[red]FAIL[/]")
+    out.print(t)
+    _finish_run(run, report_dir, no_report)
+    verdict = run["gate"]["passed"]
+    out.print("[bold green]GATE PASSED[/]" if verdict else "[bold red]GATE FAILED[/]")
+    raise typer.Exit(0 if verdict else 1)
+
+
+@app.command()
+@_handle_errors
+def bench(
+    baseline: str = typer.Argument(..., help="The reference model."),
+    candidate: str = typer.Argument(..., help="The model to measure against it."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="Mean prompt length (the mix spans 0.5x-1.5x)."),
+    output_tokens: int = typer.Option(32, "--output-tokens", min=1, help="Tokens generated per request."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="Requests in flight at once."),
+    requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Measured requests per model (12; quick 4)."),
+    quick: bool = typer.Option(False, "--quick"),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure peak RSS of each model in a fresh process."),
+    report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir"),
+    no_report: bool = typer.Option(False, "--no-report"),
+) -> None:
+    """Measure weight bytes, peak RSS, prefill and decode tokens/s, time to first token and p50/p95/p99
+    latency, baseline and candidate alternating request by request (warm-up excluded).
+
+    Example: lowbit bench smollm2-135m out/smollm2-int8 --quick
+    """
+    from lowbit.bench.latency import BenchConfig, bench_pair
+    from lowbit.data.corpora import wikipedia_text
+    from lowbit.eval.run import identity, load_pair
+
+    cfg = BenchConfig(prompt_tokens=prompt_tokens, output_tokens=output_tokens, batch_size=batch_size,
+                      concurrency=concurrency, **({"requests": requests} if requests else {"requests": 4} if quick else {}))
+    _quiet_transformers()
+    base, cand = load_pair(baseline, candidate, _say)
+    run = {"kind": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lowbit_version": __version__,
+           "quick": quick, "baseline": identity(base), "candidate": identity(cand)}
+    t0 = time.perf_counter()
+    run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=rss)
+    run["seconds"] = time.perf_counter() - t0
+    b = run["bench"]
+    t = Table(title="bench")
+    for col in ("", "baseline", "candidate", "candidate / baseline"):
+        t.add_column(col)
+    rows = [("weight bytes", "weight_bytes", "weight_bytes", _human), ("prefill tok/s", "prefill_tok_s", "prefill_tok_s", lambda v: f"{v:.1f}"),
+            ("decode tok/s", "decode_tok_s", "decode_tok_s", lambda v: f"{v:.1f}")]
+    for label, key, rkey, fmt in rows:
+        t.add_row(label, fmt(b["baseline"][key]), fmt(b["candidate"][key]), f"{b['ratios'].get(rkey, float('nan')):.2f}")
+    for q in ("p50", "p95", "p99"):
+        t.add_row(f"latency {q} (ms)", f"{b['baseline']['latency_ms'][q]:.0f}", f"{b['candidate']['latency_ms'][q]:.0f}", "")
+        t.add_row(f"TTFT {q} (ms)", f"{b['baseline']['ttft_ms'][q]:.0f}", f"{b['candidate']['ttft_ms'][q]:.0f}", "")
+    if b["baseline"].get("peak_rss_bytes"):
+        t.add_row("peak RSS", _human(b["baseline"]["peak_rss_bytes"]), _human(b["candidate"]["peak_rss_bytes"]), "")
+    out.print(t)
+    _finish_run(run, report_dir, no_report)
+
+
+@app.command()
+@_handle_errors
+def runs(
+    limit: int = typer.Option(20, "--limit", min=1),
+    kind: Optional[str] = typer.Option(None, "--kind", help="eval, gate or bench."),
+    show: Optional[int] = typer.Option(None, "--show", help="Print one run's stored JSON."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Comma list of run ids to put side by side."),
+) -> None:
+    """List past eval/gate/bench runs from the registry, show one, or compare several.
+
+    Example: lowbit runs --compare 3,4
+    """
+    from lowbit.report.registry import compare_runs, get_run, list_runs
+
+    if show is not None:
+        out.print_json(json.dumps(get_run(show)))
+        return
+    if compare:
+        try:
+            ids = [int(x) for x in compare.split(",") if x.strip()]
+        except ValueError:
+            raise LowbitError(f"--compare: '{compare}' is not a comma list of run ids; see `lowbit runs`") from None
+        rows = compare_runs(ids)
+    else:
+        rows = list_runs(limit=limit, kind=kind)
+    if not rows:
+        out.print("no runs recorded yet: `lowbit eval`, `lowbit gate` and `lowbit bench` record theirs")
+        return
+    t = Table()
+    cols = list(rows[0].keys())
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*["" if r[c] is None else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols])
+    out.print(t)
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"lowbit {__version__}")

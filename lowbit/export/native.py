@@ -34,13 +34,13 @@ def prepare_out_dir(out: Path, force: bool) -> None:
     """Refuse to clobber an existing folder unless forced; fail early on an unwritable parent."""
     if out.exists() and not force:
         raise LowbitError(f"output folder {out}: already exists; fix: choose another --out, or pass --force to replace it")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LowbitError(f"output folder {out}: its parent cannot be created ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise LowbitError(f"output folder {out}: {parent} is not writable; fix: choose another --out")
+    if out.exists() and not out.is_dir():
+        raise LowbitError(f"output folder {out}: is a file; fix: choose another --out")
+    existing = out.resolve().parent
+    while not existing.exists():  # created only when the artifact is written
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise LowbitError(f"output folder {out}: {existing} is not a writable folder; fix: choose another --out")
 
 
 def artifact_state(model: torch.nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
@@ -71,6 +71,7 @@ def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: di
     if recipe is None or plans is None:
         raise LowbitError("save: the model has not been quantized by lowbit (no recipe attached); call lowbit.quantize first")
     prepare_out_dir(out, force)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.resolve().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -2,7 +2,8 @@
 checkpoint quantized while it streams in (the `load_in_4bit` path).
 
 The artifact and streaming paths build the model skeleton with empty (meta) weights and fill it one
-tensor at a time from memory-mapped safetensors, so the full float model is never held in memory.
+tensor at a time (artifacts through safetensors' memory map, float checkpoints through plain reads of
+one tensor at a time), so the full float model is never held in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.model import sources
 from lowbit.model.qlinear import QLinear
+from lowbit.model.st_reader import iter_tensors
 from lowbit.model.quantize import ModulePlan, check_finite, plan_model, plans_from_json, set_submodule
 from lowbit.recipe import Recipe
 
@@ -78,7 +80,7 @@ def float_folder(src: sources.ModelSource, progress=None) -> tuple[Path, str]:
     marker = src.path / "lowbit-source.json"
     if marker.is_file():  # one of our cached GGUF conversions: its identity is the GGUF's hash
         return src.path, json.loads(marker.read_text())["sha256"]
-    return src.path, sources.sha256_files(files)
+    return src.path, sources.sha256_memo(files)
 
 
 # -- skeletons filled tensor by tensor -------------------------------------------------------------
@@ -166,30 +168,25 @@ def load_artifact(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
 def load_streaming(name_or_path: str | Path, recipe: Recipe, compute_dtype: torch.dtype = torch.bfloat16,
                    progress=None) -> Loaded:
     """Quantize a float checkpoint while it loads: one tensor in memory at a time (bitsandbytes-style)."""
-    from safetensors import safe_open
-
     src = sources.resolve(name_or_path)
     folder, digest = float_folder(src, progress)
     model = empty_model(folder, compute_dtype)
     plans = {p.name: p for p in plan_model(model, recipe)}
     todo = {p.name + ".weight": p for p in plans.values() if p.spec is not None}
-    files = sources.weight_files(folder)
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                plan = todo.get(key)
-                if plan is not None:
-                    check_finite(plan.name, t)
-                    old = model.get_submodule(plan.name)
-                    bias = old.bias if old.bias is not None and not old.bias.is_meta else None
-                    q = QLinear.from_weight(t, plan.spec, bias)
-                    set_submodule(model, plan.name, q)
-                elif key.endswith(".bias") and key[:-5] in plans and isinstance(model.get_submodule(key[:-5]), QLinear):
-                    model.get_submodule(key[:-5]).bias = nn.Parameter(t.to(compute_dtype), requires_grad=False)
-                else:
-                    _set_tensor(model, key, t.to(compute_dtype) if t.is_floating_point() else t)
-                del t
+    for path in sources.weight_files(folder):
+        sources.check_safetensors(path)
+        for key, t in iter_tensors(path):  # plain reads: one float tensor alive at a time
+            plan = todo.get(key)
+            if plan is not None:
+                check_finite(plan.name, t)
+                old = model.get_submodule(plan.name)
+                bias = old.bias if old.bias is not None and not old.bias.is_meta else None
+                set_submodule(model, plan.name, QLinear.from_weight(t, plan.spec, bias))
+            elif key.endswith(".bias") and isinstance(model.get_submodule(key[:-5]) if key[:-5] in plans else None, QLinear):
+                model.get_submodule(key[:-5]).bias = nn.Parameter(t.to(compute_dtype), requires_grad=False)
+            else:
+                _set_tensor(model, key, t.to(compute_dtype) if t.is_floating_point() else t)
+            del t
     model.lowbit_plan = list(plans.values())
     model.lowbit_recipe = recipe
     return Loaded(_finish(model, folder), load_tokenizer(folder), {**src.describe(), "sha256": digest}, folder)

@@ -212,6 +212,13 @@ def gguf_path(source: ModelSource) -> Path:
     return out
 
 
+def sha256_memo(paths: list[Path]) -> str:
+    """Identity of a set of weight files: sha256 of each (remembered), combined in order."""
+    if len(paths) == 1:
+        return _hash_memo(paths[0])
+    return hashlib.sha256("".join(_hash_memo(p) for p in paths).encode()).hexdigest()
+
+
 def _hash_memo(path: Path) -> str:
     """sha256 of a file, remembered next to the cache keyed by size and mtime."""
     st = path.stat()

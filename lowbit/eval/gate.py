@@ -1,0 +1,220 @@
+"""Success criteria as a YAML spec, turned into pass/fail gates.
+
+    quality:
+      max_ppl_increase_pct: 1.5      # general text (Wikipedia) perplexity, candidate vs baseline
+      max_mean_kld: 0.02             # mean per-token KL(baseline || candidate)
+      max_p99_kld: 0.3               # tail: 99th percentile of per-token KLD
+      max_sample_kld: 0.05           # tail: the worst sample's mean KLD
+      min_top1_agreement: 0.9
+      suites:
+        jargon: {max_acc_drop: 2.0, max_kld: 0.05}
+        long_context: {max_ppl_increase_pct: 3.0, max_needle_drop: 0}
+        json: {min_valid_pct: 98, max_valid_drop: 5, min_schema_valid_pct: 90, min_agreement_pct: 80}
+        user: {file: my_evals.jsonl, min_pass_pct: 90, max_pass_drop: 5}
+    latency: {p95_improvement_pct: 20, min_decode_speedup: 1.5}
+    memory: {reduction_pct: 50}
+    eval: {samples: 16, seq_len: 256}              # optional: how much text the quality part reads
+    bench: {prompt_tokens: 128, output_tokens: 32, requests: 12, batch_size: 1, concurrency: 1}
+
+Drops are in percentage points (baseline minus candidate); *_pct increases are relative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.errors import LowbitError
+
+QUALITY_KEYS = {"max_ppl_increase_pct", "max_mean_kld", "max_p99_kld", "max_sample_kld", "min_top1_agreement"}
+SUITE_KEYS = {
+    "jargon": {"max_acc_drop", "max_kld"},
+    "long_context": {"max_ppl_increase_pct", "max_needle_drop", "min_needle_pct"},
+    "json": {"min_valid_pct", "max_valid_drop", "min_schema_valid_pct", "min_agreement_pct"},
+    "user": {"file", "min_pass_pct", "max_pass_drop"},
+}
+SECTION_KEYS = {
+    "quality": QUALITY_KEYS | {"suites"},
+    "latency": {"p95_improvement_pct", "min_decode_speedup"},
+    "memory": {"reduction_pct"},
+    "eval": {"samples", "seq_len", "context"},
+    "bench": {"prompt_tokens", "output_tokens", "requests", "batch_size", "concurrency", "warmup"},
+}
+
+DEFAULT_SPEC = """\
+# lowbit's default gate: close to the FP32 model on text, its tails, rare terms, long context and
+# tool calls, and at least half the weight memory. Latency is left out: pass a spec with a
+# latency section to gate on speed.
+quality:
+  max_ppl_increase_pct: 2.0
+  max_mean_kld: 0.02
+  max_p99_kld: 0.25
+  max_sample_kld: 0.05
+  min_top1_agreement: 0.9
+  suites:
+    jargon: {max_acc_drop: 2.0}
+    long_context: {max_ppl_increase_pct: 3.0, max_needle_drop: 0}
+    json: {max_valid_drop: 10}
+memory: {reduction_pct: 50}
+"""
+
+
+@dataclass(frozen=True)
+class Spec:
+    data: dict
+    source: str
+
+    def section(self, name: str) -> dict:
+        return self.data.get(name) or {}
+
+    @property
+    def suites(self) -> dict[str, dict]:
+        return self.section("quality").get("suites") or {}
+
+
+def parse_spec(data: Any, source: str) -> Spec:
+    if not isinstance(data, dict) or not data:
+        raise LowbitError(f"spec {source}: expected a mapping with sections {', '.join(SECTION_KEYS)}")
+    for sec, body in data.items():
+        if sec not in SECTION_KEYS:
+            raise LowbitError(f"spec {source}: unknown section '{sec}'; sections are {', '.join(SECTION_KEYS)}")
+        if not isinstance(body, dict):
+            raise LowbitError(f"spec {source}: section '{sec}' must be a mapping of criteria")
+        for key, val in body.items():
+            if key not in SECTION_KEYS[sec]:
+                raise LowbitError(f"spec {source}: field '{sec}.{key}' is unknown; known: {', '.join(sorted(SECTION_KEYS[sec]))}")
+            if key != "suites" and not _is_number(val):
+                raise LowbitError(f"spec {source}: field '{sec}.{key}' must be a number, got {val!r}")
+    suites = (data.get("quality") or {}).get("suites") or {}
+    if not isinstance(suites, dict):
+        raise LowbitError(f"spec {source}: field 'quality.suites' must map suite names ({', '.join(SUITE_KEYS)}) to criteria")
+    for name, crit in suites.items():
+        if name not in SUITE_KEYS:
+            raise LowbitError(f"spec {source}: suite 'quality.suites.{name}' is unknown; suites are {', '.join(SUITE_KEYS)}")
+        if not isinstance(crit, dict):
+            raise LowbitError(f"spec {source}: 'quality.suites.{name}' must be a mapping of criteria")
+        for key, val in crit.items():
+            if key not in SUITE_KEYS[name]:
+                raise LowbitError(f"spec {source}: field 'quality.suites.{name}.{key}' is unknown; known: {', '.join(sorted(SUITE_KEYS[name]))}")
+            if key == "file":
+                if not isinstance(val, str):
+                    raise LowbitError(f"spec {source}: 'quality.suites.user.file' must be a path")
+            elif not _is_number(val):
+                raise LowbitError(f"spec {source}: field 'quality.suites.{name}.{key}' must be a number, got {val!r}")
+        if name == "user" and "file" not in crit:
+            raise LowbitError(f"spec {source}: 'quality.suites.user' needs a 'file' (a JSONL of prompts)")
+    return Spec(data, source)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def load_spec(arg: str) -> Spec:
+    """'default', or the path of a YAML spec. A relative user-suite file is resolved next to the spec."""
+    if arg == "default":
+        return parse_spec(yaml.safe_load(DEFAULT_SPEC), "default")
+    p = Path(arg)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise LowbitError(f"spec file {p}: cannot be read ({e.strerror}); pass a YAML spec, or 'default'") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LowbitError(f"spec file {p}: is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    spec = parse_spec(data, f"file {p}")
+    user = spec.suites.get("user")
+    if user and not Path(user["file"]).is_absolute():
+        user["file"] = str((p.parent / user["file"]).resolve())
+    return spec
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def _row(name: str, value: float | None, op: str, threshold: float, detail: str = "") -> dict:
+    if value is None:
+        return {"name": name, "value": None, "op": op, "threshold": threshold, "passed": False,
+                "detail": detail or "not measured"}
+    passed = value <= threshold if op == "<=" else value >= threshold
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": bool(passed), "detail": detail}
+
+
+def _pct_increase(base: float, cand: float) -> float:
+    return 100 * (cand / base - 1) if base else float("inf")
+
+
+def evaluate(spec: Spec, run: dict) -> dict:
+    """The run dict's "gate" entry: one row per criterion, and passed only if every row passed."""
+    rows = []
+    q = spec.section("quality")
+    div = run.get("divergence") or {}
+    checks = {
+        "max_ppl_increase_pct": ("general ppl increase %", lambda: _pct_increase(div["ppl_baseline"], div["ppl_candidate"]), "<="),
+        "max_mean_kld": ("mean KLD", lambda: div["mean_kld"], "<="),
+        "max_p99_kld": ("p99 token KLD", lambda: div["p99_kld"], "<="),
+        "max_sample_kld": ("worst sample mean KLD", lambda: div["max_sample_kld"], "<="),
+        "min_top1_agreement": ("top-1 agreement", lambda: div["top1"], ">="),
+    }
+    for key, (label, get, op) in checks.items():
+        if key in q:
+            rows.append(_row(label, get() if div else None, op, q[key]))
+    suites = {s["name"].split(":")[0]: s for s in run.get("suites", [])}
+    for name, crit in spec.suites.items():
+        s = suites.get({"json": "tool_calling"}.get(name, name))
+        rows += _suite_rows(name, crit, s)
+    bench = run.get("bench")
+    lat = spec.section("latency")
+    if "p95_improvement_pct" in lat:
+        rows.append(_row("p95 latency improvement %", bench["ratios"]["p95_improvement_pct"] if bench else None, ">=",
+                         lat["p95_improvement_pct"]))
+    if "min_decode_speedup" in lat:
+        rows.append(_row("decode tokens/s speedup", bench["ratios"]["decode_tok_s"] if bench else None, ">=",
+                         lat["min_decode_speedup"]))
+    mem = spec.section("memory")
+    if "reduction_pct" in mem:
+        b, c = run["baseline"].get("weight_bytes"), run["candidate"].get("weight_bytes")
+        rows.append(_row("weight memory reduction %", 100 * (1 - c / b) if b and c else None, ">=", mem["reduction_pct"],
+                         f"{b / 1e6:.1f} MB -> {c / 1e6:.1f} MB" if b and c else ""))
+    return {"passed": all(r["passed"] for r in rows) and bool(rows), "spec": spec.source, "criteria": rows}
+
+
+def _metric(s: dict, key: str, who: str) -> float | None:
+    m = s["metrics"].get(key)
+    return None if m is None else m[who]
+
+
+def _suite_rows(name: str, crit: dict, s: dict | None) -> list[dict]:
+    rows = []
+
+    def get(key: str, who: str = "candidate") -> float | None:
+        return None if s is None else _metric(s, key, who)
+
+    def drop(key: str) -> float | None:
+        b, c = get(key, "baseline"), get(key)
+        return None if b is None or c is None else b - c
+
+    for key, val in crit.items():
+        if key == "file":
+            continue
+        if name == "jargon":
+            row = {"max_acc_drop": ("jargon: token accuracy drop (points)", drop("jargon_acc_pct"), "<="),
+                   "max_kld": ("jargon: KLD on jargon tokens", get("jargon_kld"), "<=")}[key]
+        elif name == "long_context":
+            last = None if s is None else s["metric"]
+            inc = None if s is None else _pct_increase(s["baseline"], s["candidate"])
+            row = {"max_ppl_increase_pct": (f"long context: {last or 'last bucket'} increase %", inc, "<="),
+                   "max_needle_drop": ("long context: needle retrieval drop (points)", drop("needle_pct"), "<="),
+                   "min_needle_pct": ("long context: needle retrieval %", get("needle_pct"), ">=")}[key]
+        elif name == "json":
+            row = {"min_valid_pct": ("json: valid JSON calls %", get("json_valid_pct"), ">="),
+                   "max_valid_drop": ("json: valid JSON drop (points)", drop("json_valid_pct"), "<="),
+                   "min_schema_valid_pct": ("json: schema-valid calls %", get("schema_valid_pct"), ">="),
+                   "min_agreement_pct": ("json: calls agreeing with baseline %", get("agreement_with_baseline_pct"), ">=")}[key]
+        else:  # user
+            row = {"min_pass_pct": ("user suite: pass %", get("pass_pct"), ">="),
+                   "max_pass_drop": ("user suite: pass drop (points)", drop("pass_pct"), "<=")}[key]
+        rows.append(_row(row[0], row[1], row[2], val))
+    return rows
