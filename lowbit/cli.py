@@ -197,6 +197,27 @@ def _say(msg: str) -> None:
     err.print(f"[dim]{msg}[/]", highlight=False)
 
 
+def _eval_with_progress(base, cand, opts) -> dict:
+    """evaluate() under a progress bar: one step for the divergence pass and one per suite."""
+    from lowbit.eval.run import evaluate
+
+    steps = 1 + len(opts.suites) + len(opts.user_files)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as prog:
+        task = prog.add_task("evaluating", total=steps)
+        seen = [0]
+
+        def say(msg: str) -> None:
+            if seen[0]:
+                prog.advance(task)
+            seen[0] += 1
+            prog.update(task, description=msg)
+
+        run = evaluate(base, cand, opts, say)
+        prog.advance(task)
+    return run
+
+
 def _finish_run(run: dict, report_root: Path, no_report: bool) -> Path | None:
     """Write the HTML + Markdown report and record the run in the registry."""
     if no_report:
@@ -256,13 +277,13 @@ def eval_cmd(
 
     Example: lowbit eval smollm2-135m out/smollm2-w4 --quick
     """
-    from lowbit.eval.run import EvalOptions, evaluate, load_pair, parse_suites
+    from lowbit.eval.run import EvalOptions, load_pair, parse_suites
 
     names, files = parse_suites(suites)
     _quiet_transformers()
     base, cand = load_pair(baseline, candidate, _say)
-    run = evaluate(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=samples,
-                                           seq_len=seq_len, context=context, worst=worst), _say)
+    run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=samples,
+                                                      seq_len=seq_len, context=context, worst=worst))
     _print_eval(run)
     _finish_run(run, report_dir, no_report)
 
@@ -284,7 +305,7 @@ def gate(
     """
     from lowbit.eval.gate import evaluate as gate_eval
     from lowbit.eval.gate import load_spec
-    from lowbit.eval.run import EvalOptions, evaluate, load_pair
+    from lowbit.eval.run import EvalOptions, load_pair
 
     sp = load_spec(spec)
     ev = sp.section("eval")
@@ -292,8 +313,9 @@ def gate(
     files = (sp.suites["user"]["file"],) if "user" in sp.suites else ()
     _quiet_transformers()
     base, cand = load_pair(baseline, candidate, _say)
-    run = evaluate(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=ev.get("samples"),
-                                           seq_len=ev.get("seq_len"), context=ev.get("context")), _say)
+    run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick,
+                                                      samples=ev.get("samples"), seq_len=ev.get("seq_len"),
+                                                      context=ev.get("context")))
     run["kind"] = "gate"
     if sp.section("latency"):
         from lowbit.bench.latency import BenchConfig, bench_pair
@@ -347,7 +369,14 @@ def bench(
     run = {"kind": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lowbit_version": __version__,
            "quick": quick, "baseline": identity(base), "candidate": identity(cand)}
     t0 = time.perf_counter()
-    run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=rss)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as prog:
+        task = prog.add_task("benchmarking", total=None)
+
+        def step(what: str, done: int, total: int) -> None:
+            prog.update(task, description=f"bench: {what}", completed=done, total=total)
+
+        run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, progress=step, measure_rss=rss)
     run["seconds"] = time.perf_counter() - t0
     b = run["bench"]
     t = Table(title="bench")
@@ -355,8 +384,11 @@ def bench(
         t.add_column(col)
     rows = [("weight bytes", "weight_bytes", "weight_bytes", _human), ("prefill tok/s", "prefill_tok_s", "prefill_tok_s", lambda v: f"{v:.1f}"),
             ("decode tok/s", "decode_tok_s", "decode_tok_s", lambda v: f"{v:.1f}")]
+    def num(v, fmt=lambda x: f"{x:.2f}") -> str:
+        return "n/a" if v is None else fmt(v)
+
     for label, key, rkey, fmt in rows:
-        t.add_row(label, fmt(b["baseline"][key]), fmt(b["candidate"][key]), f"{b['ratios'].get(rkey, float('nan')):.2f}")
+        t.add_row(label, num(b["baseline"][key], fmt), num(b["candidate"][key], fmt), num(b["ratios"].get(rkey)))
     for q in ("p50", "p95", "p99"):
         t.add_row(f"latency {q} (ms)", f"{b['baseline']['latency_ms'][q]:.0f}", f"{b['candidate']['latency_ms'][q]:.0f}", "")
         t.add_row(f"TTFT {q} (ms)", f"{b['baseline']['ttft_ms'][q]:.0f}", f"{b['candidate']['ttft_ms'][q]:.0f}", "")

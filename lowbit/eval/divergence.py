@@ -56,7 +56,7 @@ def make_samples(tokenizer, texts: list[tuple[str, str]], seq_len: int, n: int, 
 
 
 def _cache_key(base_sha: str, samples: list[Sample]) -> str:
-    h = hashlib.sha256(f"{base_sha}|{TOPK}|v1".encode())
+    h = hashlib.sha256(f"{base_sha}|{TOPK}|v2".encode())
     for s in samples:
         h.update(s.ids.numpy().tobytes())
         h.update(b"|")
@@ -77,7 +77,7 @@ def baseline_side(model, samples: list[Sample], base_sha: str | None, use_cache:
     for i, s in enumerate(samples):
         logits = model(s.ids[None]).logits[0, :-1]  # (seq-1, vocab)
         lp, idx = metrics.topk_logprobs(logits, TOPK)
-        out.append({"lp": lp.half(), "idx": idx, "nll": metrics.nll(logits, s.ids[1:])})
+        out.append({"lp": lp, "idx": idx, "nll": metrics.nll(logits, s.ids[1:])})  # fp32: self-KLD is exactly 0
         if progress:
             progress(i + 1, len(samples))
     if path is not None:

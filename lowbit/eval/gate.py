@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from lowbit.datafile import read_data_file
 from lowbit.errors import LowbitError
 
 QUALITY_KEYS = {"max_ppl_increase_pct", "max_mean_kld", "max_p99_kld", "max_sample_kld", "min_top1_agreement"}
@@ -75,37 +76,33 @@ class Spec:
         return self.section("quality").get("suites") or {}
 
 
+def _check_fields(source: str, where: str, body: Any, known: set[str], free: tuple[str, ...] = ()) -> None:
+    """Every field of `body` is known and numeric (except the `free` ones, checked by the caller)."""
+    if not isinstance(body, dict):
+        raise LowbitError(f"spec {source}: '{where}' must be a mapping of criteria")
+    for key, val in body.items():
+        if key not in known:
+            raise LowbitError(f"spec {source}: field '{where}.{key}' is unknown; known: {', '.join(sorted(known))}")
+        if key not in free and not _is_number(val):
+            raise LowbitError(f"spec {source}: field '{where}.{key}' must be a number, got {val!r}")
+
+
 def parse_spec(data: Any, source: str) -> Spec:
     if not isinstance(data, dict) or not data:
         raise LowbitError(f"spec {source}: expected a mapping with sections {', '.join(SECTION_KEYS)}")
     for sec, body in data.items():
         if sec not in SECTION_KEYS:
             raise LowbitError(f"spec {source}: unknown section '{sec}'; sections are {', '.join(SECTION_KEYS)}")
-        if not isinstance(body, dict):
-            raise LowbitError(f"spec {source}: section '{sec}' must be a mapping of criteria")
-        for key, val in body.items():
-            if key not in SECTION_KEYS[sec]:
-                raise LowbitError(f"spec {source}: field '{sec}.{key}' is unknown; known: {', '.join(sorted(SECTION_KEYS[sec]))}")
-            if key != "suites" and not _is_number(val):
-                raise LowbitError(f"spec {source}: field '{sec}.{key}' must be a number, got {val!r}")
+        _check_fields(source, sec, body, SECTION_KEYS[sec], free=("suites",))
     suites = (data.get("quality") or {}).get("suites") or {}
     if not isinstance(suites, dict):
         raise LowbitError(f"spec {source}: field 'quality.suites' must map suite names ({', '.join(SUITE_KEYS)}) to criteria")
     for name, crit in suites.items():
         if name not in SUITE_KEYS:
             raise LowbitError(f"spec {source}: suite 'quality.suites.{name}' is unknown; suites are {', '.join(SUITE_KEYS)}")
-        if not isinstance(crit, dict):
-            raise LowbitError(f"spec {source}: 'quality.suites.{name}' must be a mapping of criteria")
-        for key, val in crit.items():
-            if key not in SUITE_KEYS[name]:
-                raise LowbitError(f"spec {source}: field 'quality.suites.{name}.{key}' is unknown; known: {', '.join(sorted(SUITE_KEYS[name]))}")
-            if key == "file":
-                if not isinstance(val, str):
-                    raise LowbitError(f"spec {source}: 'quality.suites.user.file' must be a path")
-            elif not _is_number(val):
-                raise LowbitError(f"spec {source}: field 'quality.suites.{name}.{key}' must be a number, got {val!r}")
-        if name == "user" and "file" not in crit:
-            raise LowbitError(f"spec {source}: 'quality.suites.user' needs a 'file' (a JSONL of prompts)")
+        _check_fields(source, f"quality.suites.{name}", crit, SUITE_KEYS[name], free=("file",))
+        if name == "user" and not isinstance(crit.get("file"), str):
+            raise LowbitError(f"spec {source}: 'quality.suites.user' needs a 'file' (the path of a JSONL of prompts)")
     return Spec(data, source)
 
 
@@ -118,14 +115,7 @@ def load_spec(arg: str) -> Spec:
     if arg == "default":
         return parse_spec(yaml.safe_load(DEFAULT_SPEC), "default")
     p = Path(arg)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise LowbitError(f"spec file {p}: cannot be read ({e.strerror}); pass a YAML spec, or 'default'") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise LowbitError(f"spec file {p}: is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    data = read_data_file(p, "spec file", "pass a YAML spec, or 'default'")
     spec = parse_spec(data, f"file {p}")
     user = spec.suites.get("user")
     if user and not Path(user["file"]).is_absolute():

@@ -11,6 +11,7 @@ import torch
 from lowbit import __version__
 from lowbit.data.corpora import wikipedia_articles
 from lowbit.errors import LowbitError
+from lowbit.bench.latency import weight_bytes
 from lowbit.eval import divergence
 from lowbit.eval.suites import text as text_suites
 from lowbit.model.load import Loaded, load_model
@@ -38,16 +39,6 @@ class EvalOptions:
     @property
     def n_seq(self) -> int:
         return self.seq_len or (128 if self.quick else 256)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers as held in memory (tied tensors once)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def identity(loaded: Loaded) -> dict:

@@ -63,3 +63,26 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool
     pieces: list[str] = []
     generate_text(model, tokenizer, prompt, max_new_tokens, 0.0, chat, pieces.append)
     return "".join(pieces)
+
+
+@torch.no_grad()
+def greedy_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of several prompts (1-D id tensors), batched with left padding.
+
+    On a CPU a batch of 8 costs little more than one sequence per step, so suites that generate for
+    many prompts run several times faster this way than one prompt at a time.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(p.numel() for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - p.numel():] = p
+            mask[row, width - p.numel():] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        texts += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return texts

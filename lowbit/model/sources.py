@@ -240,11 +240,14 @@ def _hash_memo(path: Path) -> str:
 def converted_folder(source: ModelSource, progress=None) -> tuple[Path, str]:
     """(safetensors folder, sha256 of the GGUF) for a gguf/bundled source, converting on first use."""
     gguf_file = gguf_path(source)
-    check_gguf(gguf_file)
-    digest = _hash_memo(gguf_file)
+    try:
+        digest = _hash_memo(gguf_file)
+    except OSError as e:
+        raise LowbitError(f"GGUF file {gguf_file}: cannot be read ({e.strerror}); check the path and permissions") from None
     folder = cache_root() / "models" / f"{gguf_file.stem}-{digest[:12]}"
-    if (folder / "lowbit-source.json").is_file():
+    if (folder / "lowbit-source.json").is_file():  # converted before from these exact bytes
         return folder, digest
+    check_gguf(gguf_file)
     if progress:
         progress(f"Converting {gguf_file.name} to safetensors in {folder} (once; later loads are fast)")
     _convert_gguf(gguf_file, folder, digest)

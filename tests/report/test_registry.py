@@ -70,7 +70,7 @@ def test_compare_side_by_side(db):
 
 def test_missing_id_names_it_and_how_to_list(db):
     record(eval_run(), db=db)
-    with pytest.raises(LowbitError, match=r"no run with id 42.*list_runs"):
+    with pytest.raises(LowbitError, match=r"no run with id 42.*lowbit runs"):
         get_run(42, db=db)
     with pytest.raises(LowbitError, match="no run with id 7"):
         compare_runs([1, 7], db=db)

@@ -54,7 +54,7 @@ def jargon_mask(text: str, offsets: list[tuple[int, int]], vocab: frozenset[str]
 
 
 @torch.no_grad()
-def jargon(baseline, candidate, quick: bool = False, n: int = 12, seq_len: int = 256) -> SuiteResult:
+def jargon(baseline, candidate, quick: bool = False, n: int = 8, seq_len: int = 256) -> SuiteResult:
     source, docs = python_docs()
     rng = random.Random(0)
     docs = rng.sample(docs, min(len(docs), 4 if quick else n))
@@ -120,7 +120,7 @@ def _needles(tok, haystack_ids: torch.Tensor, length: int, count: int, seed: int
         code = str(rng.randint(10000, 99999))
         fact = tok(f" The secret code is {code}. Remember it. ", return_tensors="pt", add_special_tokens=False).input_ids[0]
         depth = 0.1 + 0.15 * i  # planted early: 10%, 25%, 40% into the context
-        body = length - fact.numel() - question.numel()
+        body = length - fact.numel() - question.numel() - 8  # room for the answer within the context
         at = int(depth * body)
         ids = torch.cat([haystack_ids[:at], fact, haystack_ids[at:body], question])
         out.append((ids, code, depth))
