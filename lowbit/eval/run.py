@@ -44,7 +44,9 @@ class EvalOptions:
 def identity(loaded: Loaded) -> dict:
     recipe = getattr(loaded.model, "lowbit_recipe", None)
     src = loaded.source or {}
-    return {"name": src.get("name", str(loaded.folder)), "kind": "lowbit" if loaded.meta else src.get("kind", "?"),
+    # an artifact is named by its folder (its source dict names the float model it came from)
+    name = loaded.folder.name if loaded.meta else src.get("name", str(loaded.folder))
+    return {"name": name, "kind": "lowbit" if loaded.meta else src.get("kind", "?"),
             "path": str(loaded.folder), "sha256": src.get("sha256"), "weight_bytes": weight_bytes(loaded.model),
             "recipe": recipe.name if recipe is not None else None}
 
