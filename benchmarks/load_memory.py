@@ -93,8 +93,9 @@ def main() -> None:
         "",
         f"Written by `benchmarks/load_memory.py` on {time.strftime('%Y-%m-%d')}: a random Llama of "
         f"{n_params / 1e6:.0f}M parameters ({args.layers} layers, hidden {args.hidden}) saved as FP32 safetensors "
-        f"({disk / 1e9:.2f} GB), loaded in fresh processes, alternating, median of {args.repeats}. Peak RSS includes the "
-        f"memory-mapped file pages the process touched.",
+        f"({disk / 1e9:.2f} GB), loaded in fresh processes, alternating, median of {args.repeats}. Peak RSS is each child's own "
+        f"VmHWM; it counts resident pages of memory-mapped files (transformers maps the checkpoint on the float "
+        f"path; the streaming path reads it without a map).",
         "",
         "| path | peak RSS | above the import floor | load + quantize time |",
         "|---|---|---|---|",
