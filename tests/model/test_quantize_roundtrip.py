@@ -139,3 +139,37 @@ def test_indivisible_group_size_errors_or_shrinks():
     groups = {p.name.rsplit(".", 1)[1]: p.spec.group_size for p in plans if p.spec}
     assert groups == {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64,
                       "down_proj": 128}
+
+
+@pytest.mark.parametrize("preset", ["w4-g32", "w8a8-dynamic"])
+def test_biased_linears_round_trip(tmp_path, ids, preset):
+    """Layers with biases (Qwen-style attention_bias, mlp_bias) keep them through save/load and streaming."""
+    folder = save_hf(make_tiny_llama(attention_bias=True, mlp_bias=True), tmp_path / "biased")
+    loaded = load_model(folder)
+    lowbit.quantize(loaded.model, preset)
+    assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        q = loaded.model(ids).logits
+    lowbit.save(loaded.model, tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "art")(ids).logits, q)
+    streamed = lowbit.load(folder, load_in_8bit=True, compute_dtype=torch.float32)
+    assert streamed.model.layers[1].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        assert torch.isfinite(streamed(ids).logits).all()
+
+
+def test_sharded_checkpoint_loads_both_ways(tmp_path, ids):
+    model = make_tiny_llama()
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    from tests.conftest import make_tokenizer
+
+    make_tokenizer().save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    in_mem = load_model(folder)
+    lowbit.quantize(in_mem.model, Recipe(scheme=PRESETS["int8"].scheme, keep_dtype="float32"))
+    streamed = lowbit.load(folder, load_in_8bit=True, compute_dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, in_mem.model(ids).logits)
+    assert len(in_mem.source["sha256"]) == 64
