@@ -20,7 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.model import sources
 from lowbit.model.qlinear import QLinear
 from lowbit.model.st_reader import iter_tensors
-from lowbit.model.quantize import ModulePlan, check_finite, plan_model, plans_from_json, set_submodule
+from lowbit.model.quantize import check_finite, plan_model, plans_from_json, set_submodule
 from lowbit.recipe import Recipe
 
 ARTIFACT_FORMAT = "lowbit"
@@ -29,8 +29,8 @@ ARTIFACT_FORMAT_VERSION = 1
 
 def _libc_trim():
     """glibc keeps freed medium-size blocks (up to its 32 MB dynamic mmap threshold) in the heap, so a
-    stream of same-size weight tensors ratchets RSS up; malloc_trim hands them back (measured: 1232 MB
-    -> 734 MB peak for a 200M-parameter streaming load). A no-op where glibc is absent."""
+    stream of same-size weight tensors ratchets RSS up; malloc_trim hands them back. The streaming
+    load's peak is measured by benchmarks/load_memory.py. A no-op where glibc is absent."""
     try:
         import ctypes
 
