@@ -38,7 +38,7 @@ def load(path: str | Path, load_in_4bit: bool = False, load_in_8bit: bool = Fals
             spec = QuantSpec(kind="int", bits=8, granularity="channel")
         elif quant_type == "nf4":
             spec = QuantSpec(kind="nf4", bits=4, granularity="group", group_size=group_size, double_quant=double_quant)
-        elif quant_type in ("int4", "fp4_int"):
+        elif quant_type == "int4":
             spec = QuantSpec(kind="int", bits=4, granularity="group", group_size=group_size, symmetric=False,
                              scale_dtype="float16")
         else:

@@ -277,9 +277,10 @@ def eval_cmd(
 
     Example: lowbit eval smollm2-135m out/smollm2-w4 --quick
     """
-    from lowbit.eval.run import EvalOptions, load_pair, parse_suites
+    from lowbit.eval.run import EvalOptions, check_user_files, load_pair, parse_suites
 
     names, files = parse_suites(suites)
+    check_user_files(files)
     _quiet_transformers()
     base, cand = load_pair(baseline, candidate, _say)
     run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=samples,
@@ -305,12 +306,13 @@ def gate(
     """
     from lowbit.eval.gate import evaluate as gate_eval
     from lowbit.eval.gate import load_spec
-    from lowbit.eval.run import EvalOptions, load_pair
+    from lowbit.eval.run import EvalOptions, check_user_files, load_pair
 
     sp = load_spec(spec)
     ev = sp.section("eval")
     names = tuple(n for n in ("general", "jargon", "long_context", "json") if n == "general" or n in sp.suites)
     files = (sp.suites["user"]["file"],) if "user" in sp.suites else ()
+    check_user_files(files)
     _quiet_transformers()
     base, cand = load_pair(baseline, candidate, _say)
     run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick,

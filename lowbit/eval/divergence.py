@@ -67,7 +67,7 @@ def _cache_key(base_sha: str, samples: list[Sample]) -> str:
 def baseline_side(model, samples: list[Sample], base_sha: str | None, use_cache: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per sample: top-k log-probs and indices (seq-1, k) and the NLL of the true next tokens (seq-1,)."""
-    path = cache_root() / "baseline-logits" / f"{_cache_key(base_sha, samples)}.pt" if (use_cache and base_sha) else None
+    path = cache_dir() / f"{_cache_key(base_sha, samples)}.pt" if (use_cache and base_sha) else None
     if path is not None and path.is_file():
         try:
             return torch.load(path, weights_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +30,6 @@ class EvalOptions:
     context: int | None = None
     worst: int = 5
     json_n: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
@@ -49,6 +48,14 @@ def identity(loaded: Loaded) -> dict:
     return {"name": name, "kind": "lowbit" if loaded.meta else src.get("kind", "?"),
             "path": str(loaded.folder), "sha256": src.get("sha256"), "weight_bytes": weight_bytes(loaded.model),
             "recipe": recipe.name if recipe is not None else None}
+
+
+def check_user_files(paths: tuple[str, ...]) -> None:
+    """Validate user JSONL suites before any model is loaded, so a bad line fails in a second."""
+    from lowbit.eval.suites import user
+
+    for path in paths:
+        user.load_items(path)
 
 
 def load_pair(baseline: str, candidate: str, say: Say) -> tuple[Loaded, Loaded]:

@@ -189,6 +189,7 @@ def load_streaming(name_or_path: str | Path, recipe: Recipe, compute_dtype: torc
     model = empty_model(folder, compute_dtype)
     plans = {p.name: p for p in plan_model(model, recipe)}
     todo = {p.name + ".weight": p for p in plans.values() if p.spec is not None}
+    todo_modules = {p.name for p in todo.values()}
     for path in sources.weight_files(folder):
         sources.check_safetensors(path)
         for key, t in iter_tensors(path):  # plain reads: one float tensor alive at a time
@@ -201,7 +202,8 @@ def load_streaming(name_or_path: str | Path, recipe: Recipe, compute_dtype: torc
                 del t
                 release_memory()
                 continue
-            elif key.endswith(".bias") and isinstance(model.get_submodule(key[:-5]) if key[:-5] in plans else None, QLinear):
+            elif key.endswith(".bias") and key[:-5] in todo_modules and isinstance(model.get_submodule(key[:-5]), QLinear):
+                # the weight came first: the QLinear is in place, give it its bias
                 model.get_submodule(key[:-5]).bias = nn.Parameter(t.to(compute_dtype), requires_grad=False)
             else:
                 _set_tensor(model, key, t.to(compute_dtype) if t.is_floating_point() else t)

@@ -117,3 +117,11 @@ def test_cli_bench_on_tiny(tiny_dir, tmp_path):
     assert r.exit_code == 0 and "bench" in r.output
     r = runner.invoke(app, ["runs", "--show", "999"])
     assert r.exit_code == 2 and "no run with id 999" in " ".join(r.output.split())
+
+
+def test_bad_user_suite_fails_before_models_load(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+    r = runner.invoke(app, ["eval", str(tmp_path / "no-model"), str(tmp_path / "no-model"),
+                            "--suites", f"user:{bad}", "--no-report"])
+    assert r.exit_code == 2 and "line 2" in r.output and "no such file" not in r.output
