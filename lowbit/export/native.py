@@ -3,7 +3,10 @@
     model.safetensors   QLinear buffers (qdata, scale, ...) and every kept tensor in keep_dtype
     config.json         the transformers config (tie_word_embeddings off when the head is quantized)
     tokenizer files     copied through the tokenizer's own save_pretrained
-    lowbit.json         format + version, lowbit version, recipe, per-module plan, source identity
+    lowbit.json         format + version, lowbit version, recipe, per-module plan, source identity,
+                        and the calibration record (method, data statistics) when one was used
+    imatrix.safetensors optional: per-input-channel mean squared activation of each quantized
+                        module (an importance matrix), from calibration; the GGUF export uses it
 
 The folder is written under a temporary name beside the target and renamed into place, so an
 interrupted run leaves no half-written artifact.
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import torch_dtype
-from lowbit.model.load import ARTIFACT_FORMAT, ARTIFACT_FORMAT_VERSION
+from lowbit.model.load import ARTIFACT_FORMAT, ARTIFACT_FORMAT_VERSION, IMATRIX_FILE
 from lowbit.model.qlinear import QLinear
 from lowbit.model.quantize import plans_to_json
 from lowbit.model.sources import ARTIFACT_FILE
@@ -76,6 +79,10 @@ def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: di
     tmp.mkdir()
     try:
         save_file(artifact_state(model, recipe.keep_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        imatrix = getattr(model, "lowbit_imatrix", None)
+        if imatrix:
+            save_file({k: v.float().contiguous() for k, v in imatrix.items()}, str(tmp / IMATRIX_FILE),
+                      metadata={"what": "mean of x**2 per input channel, keyed by module name"})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -88,6 +95,9 @@ def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: di
             "recipe": recipe.to_dict(),
             "modules": plans_to_json(plans),
         }
+        calibration = getattr(model, "lowbit_calibration", None)
+        if calibration:
+            meta["calibration"] = calibration
         (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
         if out.exists():  # --force: swap the old one out only once the new one is complete
             old = out.resolve().parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

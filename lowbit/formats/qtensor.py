@@ -3,9 +3,14 @@
 `quantize_tensor` and `dequantize_tensor` dispatch on the spec's kind; the stored tensors are
 named so that an artifact is self-describing:
 
-    int   qdata (packed uint8, or int8/uint8 at 8 bits), scale, [zero_point]
+    int   qdata (packed uint8, or int8/uint8 at 8 bits), scale, [zero_point | offset], [perm]
     nf4   qdata (packed uint8 codes), absmax  |  absmax_q, absmax_scale, absmax_mean (double quant)
     fp8   qdata (float8), scale
+
+`zero_point` (uint8) is the int zero domain, `offset` (float) the float zero domain. `perm` (int32,
+optional, from GPTQ act-order) says the stored columns are a permutation of the weight's: stored
+column j is input column perm[j], groups run along the stored order. A matmul then reads
+x[..., perm] against the stored weight, so the act-order artifact runs as fast as a plain one.
 """
 
 from __future__ import annotations
@@ -39,19 +44,44 @@ def _as_2d(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def int_qtensor(spec: QuantSpec, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                perm: torch.Tensor | None = None) -> QTensor:
+    """Assemble an int QTensor from codes as affine.quantize returns them (int8 symmetric, uint8
+    asymmetric; in stored column order when perm is given), packing sub-byte widths."""
+    rows, cols = q.shape
+    if spec.bits < 8:
+        shift = 0 if zero is not None else 2 ** (spec.bits - 1)  # signed -> unsigned for packing
+        q = packing.pack(q.to(torch.int32) + shift, spec.bits)
+    else:
+        q = q.to(torch.int8 if spec.symmetric else torch.uint8)
+    out = {"qdata": q, "scale": scale}
+    if zero is not None:
+        out["offset" if zero.is_floating_point() else "zero_point"] = zero
+    if perm is not None:
+        out["perm"] = perm.to(torch.int32)
+    return QTensor(spec, (rows, cols), out)
+
+
+def int_codes(qt: QTensor) -> torch.Tensor:
+    """The integer codes of an int QTensor, (rows, cols) in stored column order, as affine.dequantize takes them."""
+    q = qt.tensors["qdata"]
+    if qt.spec.bits < 8:
+        q = packing.unpack(q, qt.spec.bits, qt.shape[1]).to(torch.int16)
+        if qt.spec.symmetric:
+            q = q - 2 ** (qt.spec.bits - 1)
+    return q
+
+
+def zero_of(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    return tensors.get("zero_point", tensors.get("offset"))
+
+
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     w = _as_2d(w).detach()
     rows, cols = w.shape
     if spec.kind == "int":
         scale, zero = affine.choose_qparams(w, spec)
-        q = affine.quantize(w, scale, zero, spec)
-        if spec.bits < 8:
-            offset = 0 if zero is not None else 2 ** (spec.bits - 1)  # signed -> unsigned for packing
-            q = packing.pack(q.to(torch.int32) + offset, spec.bits)
-        out = {"qdata": q, "scale": scale}
-        if zero is not None:
-            out["zero_point"] = zero
-        return QTensor(spec, (rows, cols), out)
+        return int_qtensor(spec, affine.quantize(w, scale, zero, spec), scale, zero)
     if spec.kind == "nf4":
         absmax = affine.as_groups(w.float(), spec).abs().amax(dim=-1)  # (rows, n_groups)
         if spec.double_quant:
@@ -70,13 +100,12 @@ def dequantize_tensor(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.
     spec, t = qt.spec, qt.tensors
     rows, cols = qt.shape
     if spec.kind == "int":
-        q = t["qdata"]
-        zero = t.get("zero_point")
-        if spec.bits < 8:
-            q = packing.unpack(q, spec.bits, cols).to(torch.int16)
-            if zero is None:
-                q = q - 2 ** (spec.bits - 1)
-        return affine.dequantize(q, t["scale"], zero, spec, dtype)
+        w = affine.dequantize(int_codes(qt), t["scale"], zero_of(t), spec, dtype)
+        if "perm" in t:  # back to the input order: stored column j is input column perm[j]
+            out = torch.empty_like(w)
+            out[:, t["perm"].long()] = w
+            return out
+        return w
     if spec.kind == "nf4":
         codes = packing.unpack(t["qdata"], 4, cols)
         if spec.double_quant:

@@ -13,7 +13,11 @@ KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 # "none": weight-only. "int8_dynamic": activations quantized per token at run time.
-ACTIVATIONS = ("none", "int8_dynamic")
+# "int8_static": one calibrated activation scale per module (stored as `input_scale`).
+ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
+# Asymmetric int only. "int": an integer zero point z, x = s * (q - z) (the textbook form).
+# "float": a float offset m, x = s * q + m (GGUF Q4_1, HQQ, torchao's float zero-point domain).
+ZERO_DOMAINS = ("int", "float")
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,11 @@ class QuantSpec:
     symmetric:   int only. True: q = round(x/s), zero point 0. False: q = round(x/s) + z.
     double_quant: nf4 only. Quantize the per-group absmax scales to int8 (QLoRA).
     scale_dtype: dtype the scales are stored in.
-    activation:  "none" or "int8_dynamic" (per-token int8 activations, int8 x int8 matmul).
+    activation:  "none", "int8_dynamic" (per-token int8 activations, int8 x int8 matmul) or
+                 "int8_static" (one calibrated per-tensor activation scale, `input_scale`).
+    zero_domain: asymmetric int only. "int" stores an integer zero point (x = s*(q - z)); "float"
+                 stores a float offset in scale_dtype (x = s*q + m, m = the group minimum), which
+                 reproduces GGUF Q4_1 grids exactly.
     """
 
     kind: str = "int"
@@ -38,6 +46,7 @@ class QuantSpec:
     double_quant: bool = False
     scale_dtype: str = "float32"
     activation: str = "none"
+    zero_domain: str = "int"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -57,6 +66,11 @@ class QuantSpec:
             raise bad("scale_dtype", f"'{self.scale_dtype}' is unknown; use one of {', '.join(SCALE_DTYPES)}")
         if self.activation not in ACTIVATIONS:
             raise bad("activation", f"'{self.activation}' is unknown; use one of {', '.join(ACTIVATIONS)}")
+        if self.zero_domain not in ZERO_DOMAINS:
+            raise bad("zero_domain", f"'{self.zero_domain}' is unknown; use one of {', '.join(ZERO_DOMAINS)}")
+        if self.zero_domain == "float" and (self.kind != "int" or self.symmetric):
+            raise bad("zero_domain", "a float zero point is defined for asymmetric integer formats only; "
+                                     "set symmetric: false or remove zero_domain")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise bad("bits", f"must be an integer, got {self.bits!r}")
         if self.kind == "int" and not 2 <= self.bits <= 8:
@@ -76,20 +90,20 @@ class QuantSpec:
             raise bad("double_quant", "double quantization of scales is defined for nf4 only")
         if self.kind != "int" and not self.symmetric:
             raise bad("symmetric", f"{self.kind} is symmetric by construction; remove 'symmetric: false'")
-        if self.activation == "int8_dynamic" and not (self.kind == "int" and self.bits == 8 and self.symmetric):
-            raise bad("activation", "int8_dynamic activations need symmetric 8-bit integer weights (kind: int, bits: 8, symmetric: true)")
-        if self.activation == "int8_dynamic" and self.granularity == "group":
-            raise bad("activation", "int8_dynamic needs per-channel or per-tensor weight scales; set granularity: channel")
+        if self.activation != "none" and not (self.kind == "int" and self.bits == 8 and self.symmetric):
+            raise bad("activation", f"{self.activation} activations need symmetric 8-bit integer weights (kind: int, bits: 8, symmetric: true)")
+        if self.activation != "none" and self.granularity == "group":
+            raise bad("activation", f"{self.activation} needs per-channel or per-tensor weight scales; set granularity: channel")
 
     @property
     def label(self) -> str:
         """Short human label, e.g. 'int4 asym g128', 'nf4 g64 dq', 'int8 ch a8dyn'."""
         if self.kind == "int":
-            name = f"int{self.bits}" + ("" if self.symmetric else " asym")
+            name = f"int{self.bits}" + ("" if self.symmetric else " asym" if self.zero_domain == "int" else " asym-f")
         else:
             name = self.kind
         gran = {"tensor": "tensor", "channel": "ch", "group": f"g{self.group_size}"}[self.granularity]
-        extra = (" dq" if self.double_quant else "") + (" a8dyn" if self.activation == "int8_dynamic" else "")
+        extra = (" dq" if self.double_quant else "") + {"none": "", "int8_dynamic": " a8dyn", "int8_static": " a8static"}[self.activation]
         return f"{name} {gran}{extra}"
 
     def with_group_size(self, group_size: int) -> "QuantSpec":

@@ -25,6 +25,7 @@ from lowbit.recipe import Recipe
 
 ARTIFACT_FORMAT = "lowbit"
 ARTIFACT_FORMAT_VERSION = 1
+IMATRIX_FILE = "imatrix.safetensors"
 
 
 def _libc_trim():
@@ -178,6 +179,13 @@ def load_artifact(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
             _set_tensor(model, k, t.to(dtype) if t.is_floating_point() else t)
     model.lowbit_plan = plans
     model.lowbit_recipe = Recipe.from_dict(meta["recipe"], f"artifact file {meta_path}: field 'recipe'")
+    if (folder / IMATRIX_FILE).is_file():
+        from safetensors.torch import load_file
+
+        sources.check_safetensors(folder / IMATRIX_FILE)
+        model.lowbit_imatrix = load_file(str(folder / IMATRIX_FILE))
+    if meta.get("calibration"):
+        model.lowbit_calibration = meta["calibration"]
     return Loaded(_finish(model, weights), load_tokenizer(folder), meta.get("source", {}), folder, meta)
 
 

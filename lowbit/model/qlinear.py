@@ -49,14 +49,17 @@ class QLinear(nn.Module):
         return dequantize_tensor(self.qtensor(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.activation == "int8_dynamic":
-            return self._forward_dynamic_int8(x)
+        if self.spec.activation != "none":
+            return self._forward_int8_act(x)
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _forward_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_int8_act(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
-        amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
-        sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        if self.spec.activation == "int8_static":
+            sx = self.input_scale.float().reshape(1, 1)  # calibrated, one per module
+        else:
+            amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
+            sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
         acc = torch._int_mm(xq, self.qdata.t())  # (tokens, out) int32
         # scale is (out, 1) per channel or (1, 1) per tensor: broadcast it along the output dim.
