@@ -115,10 +115,13 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy decoding."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template, if it has one."),
+    kv_cache: str = typer.Option("none", "--kv-cache", help="KV-cache format: none, int8 or fp8 (one scale per token and head)."),
+    engine: str = typer.Option("auto", "--engine", help="Decode loop: auto (lean where the architecture allows), lean, hf."),
 ) -> None:
-    """Generate text from a model, streaming tokens as they come.
+    """Generate text from a model, streaming tokens as they come. Quantized modules run on the fastest
+    CPU kernel their format has (see `lowbit info`); the memory the loaded model holds is printed.
 
-    Example: lowbit generate out/smollm2-w4 --prompt "Explain quantization in one sentence."
+    Example: lowbit generate out/smollm2-w4 --prompt "Explain quantization in one sentence." --kv-cache int8
     """
     from lowbit.model.generate import generate_text
     from lowbit.model.load import load_model
@@ -129,14 +132,21 @@ def generate(
     with err.status(f"Loading {model} ..."):
         loaded = load_model(model, progress=lambda msg: err.print(msg))
     m = loaded.model
-    nbytes = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
-    err.print(f"[dim]model in memory: {_human(nbytes)}[/]")
+    from lowbit.bench.latency import weight_bytes
+    from lowbit.model.generate import pick_engine
+    from lowbit.model.qlinear import QLinear, kernel_summary
+
+    used = pick_engine(m, engine)
+    kernels_used = kernel_summary({n: q.plan for n, q in m.named_modules() if isinstance(q, QLinear) and q.plan})
+    ktext = ", ".join(f"{k} x{v}" for k, v in kernels_used.items()) or "float"
+    err.print(f"[dim]model in memory: {_human(weight_bytes(m))}; kernels: {ktext}; engine: {used}; kv-cache: {kv_cache}[/]")
     t0 = time.perf_counter()
     n = generate_text(m, loaded.tokenizer, prompt, max_new_tokens, temperature, chat,
-                      on_text=lambda s: (out.print(s, end="", highlight=False, markup=False), sys.stdout.flush()))
+                      on_text=lambda s: (out.print(s, end="", highlight=False, markup=False), sys.stdout.flush()),
+                      kv_cache=kv_cache, engine=engine)
     dt = time.perf_counter() - t0
     out.print()
-    err.print(f"[dim]{n} tokens in {dt:.1f} s ({n / dt:.1f} tokens/s, reference path)[/]")
+    err.print(f"[dim]{n} tokens in {dt:.1f} s ({n / dt:.1f} tokens/s)[/]")
 
 
 @app.command()
@@ -162,7 +172,7 @@ def info(
               f"bits/weight: {s['model_bits_per_weight']:.2f} whole model, {s['linear_bits_per_weight']:.2f} quantized linears",
               highlight=False)
     table = Table(show_lines=False)
-    for col in ("module", "format", "out x in", "bytes", "bits/w", "compute path"):
+    for col in ("module", "format", "out x in", "bytes", "bits/w", "CPU kernel"):
         table.add_column(col, overflow="fold")
     for row in s["modules"]:
         table.add_row(row["name"], row["format"], f"{row['out_features']}x{row['in_features']}", _human(row["bytes"]),
@@ -269,6 +279,7 @@ def eval_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=16, help="Tokens per sample (256; quick 128)."),
     context: Optional[int] = typer.Option(None, "--context", min=128, help="Long-context length (2048; quick 512)."),
     worst: int = typer.Option(5, "--worst", min=1, help="Worst samples to list."),
+    kv_cache: str = typer.Option("none", "--kv-cache", help="Run the candidate with an int8 or fp8 KV cache (none, int8, fp8)."),
     report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
 ) -> None:
@@ -284,7 +295,8 @@ def eval_cmd(
     _quiet_transformers()
     base, cand = load_pair(baseline, candidate, _say)
     run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=samples,
-                                                      seq_len=seq_len, context=context, worst=worst))
+                                                      seq_len=seq_len, context=context, worst=worst,
+                                                      kv_cache=kv_cache))
     _print_eval(run)
     _finish_run(run, report_dir, no_report)
 
@@ -296,6 +308,7 @@ def gate(
     baseline: str = typer.Argument(..., help="The reference model."),
     candidate: str = typer.Argument(..., help="The model to judge."),
     quick: bool = typer.Option(False, "--quick", help="Small samples (for CI): about a minute on the bundled model."),
+    kv_cache: str = typer.Option("none", "--kv-cache", help="Run the candidate with an int8 or fp8 KV cache (none, int8, fp8)."),
     report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
 ) -> None:
@@ -317,7 +330,7 @@ def gate(
     base, cand = load_pair(baseline, candidate, _say)
     run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick,
                                                       samples=ev.get("samples"), seq_len=ev.get("seq_len"),
-                                                      context=ev.get("context")))
+                                                      context=ev.get("context"), kv_cache=kv_cache))
     run["kind"] = "gate"
     if sp.section("latency"):
         from lowbit.bench.latency import BenchConfig, bench_pair
@@ -352,6 +365,8 @@ def bench(
     requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Measured requests per model (12; quick 4)."),
     quick: bool = typer.Option(False, "--quick"),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure peak RSS of each model in a fresh process."),
+    engine: str = typer.Option("auto", "--engine", help="Decode loop: auto (lean where the architecture allows), lean, hf."),
+    kv_cache: str = typer.Option("none", "--kv-cache", help="KV-cache format for both models: none, int8, fp8."),
     report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir"),
     no_report: bool = typer.Option(False, "--no-report"),
 ) -> None:
@@ -365,7 +380,7 @@ def bench(
     from lowbit.eval.run import identity, load_pair
 
     cfg = BenchConfig(prompt_tokens=prompt_tokens, output_tokens=output_tokens, batch_size=batch_size,
-                      concurrency=concurrency, **({"requests": requests} if requests else {"requests": 4} if quick else {}))
+                      concurrency=concurrency, engine=engine, kv_cache=kv_cache, **({"requests": requests} if requests else {"requests": 4} if quick else {}))
     _quiet_transformers()
     base, cand = load_pair(baseline, candidate, _say)
     run = {"kind": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lowbit_version": __version__,

@@ -52,6 +52,8 @@ class BenchConfig:
     warmup: int = 2  # requests per model run first and not measured
     prompt_spread: float = 0.5  # prompt lengths are uniform in prompt_tokens * [1 - spread, 1 + spread]
     seed: int = 0
+    engine: str = "auto"  # "lean" decode loop where the architecture allows, else "hf" generate
+    kv_cache: str = "none"  # none, int8, fp8
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "output_tokens", "batch_size", "concurrency", "requests"):
@@ -61,6 +63,12 @@ class BenchConfig:
             raise LowbitError(f"bench option 'warmup': must be 0 or more, got {self.warmup}")
         if not 0 <= self.prompt_spread < 1:
             raise LowbitError(f"bench option 'prompt_spread': must be in [0, 1), got {self.prompt_spread}")
+        from lowbit.model.generate import ENGINES
+        from lowbit.runtime.kvcache import check_kind
+
+        if self.engine not in ENGINES:
+            raise LowbitError(f"bench option 'engine': '{self.engine}' is unknown; use one of {', '.join(ENGINES)}")
+        check_kind(self.kv_cache, "bench option 'kv_cache'")
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
@@ -135,17 +143,33 @@ class _FirstTokenClock:
         pass
 
 
-def timed_request(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad: int) -> dict:
+def timed_request(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad: int, engine: str = "auto",
+                  kv_cache: str = "none") -> dict:
     """Run one greedy request; returns its timings (seconds) and token counts."""
+    from lowbit.model.generate import pick_engine
+
     ids, mask = left_pad(prompts, pad)
     clock = _FirstTokenClock()
     with torch.inference_mode():  # grad mode is per thread: set it inside the worker
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                             streamer=clock)
-        total = time.perf_counter() - t0
-    generated = out.shape[1] - ids.shape[1]
+        if pick_engine(model, engine) == "lean":
+            from lowbit.runtime.decode import lean_generate
+
+            clock.puts = 1  # the lean loop hands over new tokens only
+            t0 = time.perf_counter()
+            out = lean_generate(model, ids, new_tokens, attention_mask=None if bool(mask.all()) else mask,
+                                kv_cache=kv_cache, on_token=clock.put)
+            total = time.perf_counter() - t0
+            generated = out.shape[1]
+        else:
+            from lowbit.runtime.kvcache import QuantizedKVCache
+
+            extra = {} if kv_cache == "none" else {"cache": QuantizedKVCache(kv_cache, model.config)}
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                 streamer=clock, **extra)
+            total = time.perf_counter() - t0
+            generated = out.shape[1] - ids.shape[1]
     ttft = (clock.first if clock.first is not None else t0 + total) - t0
     return {"ttft_s": ttft, "total_s": total, "sequences": len(prompts), "new_tokens": generated,
             "prompt_tokens": sum(len(p) for p in prompts)}
@@ -156,9 +180,10 @@ def run_wave(model: nn.Module, wave: list[list[list[int]]], config: BenchConfig,
     """Run a wave of requests (concurrently when there is a pool); returns their results and the wall time."""
     t0 = time.perf_counter()
     if pool is None or len(wave) == 1:
-        results = [timed_request(model, r, config.output_tokens, pad) for r in wave]
+        results = [timed_request(model, r, config.output_tokens, pad, config.engine, config.kv_cache) for r in wave]
     else:
-        results = list(pool.map(lambda r: timed_request(model, r, config.output_tokens, pad), wave))
+        results = list(pool.map(lambda r: timed_request(model, r, config.output_tokens, pad, config.engine,
+                                                        config.kv_cache), wave))
     return results, time.perf_counter() - t0
 
 
@@ -172,9 +197,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers, each storage counted once (tied embeddings share one)."""
+    """Bytes of parameters, buffers and kernel tensors in memory, each storage counted once (tied
+    embeddings share one; an int4pack QLinear holds its packed codes instead of qdata)."""
+    from lowbit.model.qlinear import QLinear
+
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for m in model.modules() if isinstance(m, QLinear) for t in m._packed.values()]
+    for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
@@ -343,7 +373,9 @@ def _rss_child() -> None:
     job = json.load(sys.stdin)
     torch.set_num_threads(job["threads"])
     from lowbit.model.load import load_model
-    from transformers import AutoModelForCausalLM  # noqa: F401  (the floor includes what loading imports)
+    import importlib
+
+    importlib.import_module("transformers.models.auto.modeling_auto")  # the floor includes what loading imports
 
     if job["path"] is not None:
         config = BenchConfig(**job["config"])
@@ -354,5 +386,6 @@ def _rss_child() -> None:
 
             quantize_model(loaded.model, Recipe.from_dict(job["recipe"]))
         prompt = text_tokens(loaded.tokenizer, job["text"] or FILLER, config.max_prompt_tokens)
-        timed_request(loaded.model, [prompt] * config.batch_size, config.output_tokens, pad_id(loaded.tokenizer))
+        timed_request(loaded.model, [prompt] * config.batch_size, config.output_tokens, pad_id(loaded.tokenizer),
+                      config.engine, config.kv_cache)
     print(json.dumps({"peak_rss_bytes": max_rss_bytes()}))

@@ -30,6 +30,7 @@ class EvalOptions:
     context: int | None = None
     worst: int = 5
     json_n: int | None = None
+    kv_cache: str = "none"  # the candidate's KV-cache format (none, int8, fp8)
 
     @property
     def n_samples(self) -> int:
@@ -68,10 +69,13 @@ def load_pair(baseline: str, candidate: str, say: Say) -> tuple[Loaded, Loaded]:
 
 
 def evaluate(base: Loaded, cand: Loaded, opts: EvalOptions, say: Say = lambda s: None) -> dict:
+    from lowbit.runtime.kvcache import attach
+
+    attach(cand.model, opts.kv_cache)  # before anything runs: every pass of the candidate reads this cache
     t0 = time.perf_counter()
     run: dict = {"kind": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "lowbit_version": __version__, "quick": opts.quick,
-                 "baseline": identity(base), "candidate": identity(cand), "suites": []}
+                 "baseline": identity(base), "candidate": {**identity(cand), "kv_cache": opts.kv_cache}, "suites": []}
     texts = [(title, body) for title, body in wikipedia_articles()]
     samples = divergence.make_samples(base.tokenizer, texts, opts.n_seq, opts.n_samples)
     say(f"divergence: {len(samples)} Wikipedia samples x {opts.n_seq} tokens")

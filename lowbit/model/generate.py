@@ -1,4 +1,8 @@
-"""Text generation with streaming output (transformers' generate, fed through a small streamer)."""
+"""Text generation with streaming output.
+
+The lean loop (lowbit.runtime.decode) runs Llama-layout models; others go through transformers'
+generate. Both use the model's QLinear kernels and either KV-cache format (none, int8, fp8).
+"""
 
 from __future__ import annotations
 
@@ -41,11 +45,50 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> dict:
     return dict(tokenizer(prompt, return_tensors="pt"))
 
 
+ENGINES = ("auto", "lean", "hf")
+
+
+def pick_engine(model, engine: str = "auto") -> str:
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.decode import supports
+
+    if engine not in ENGINES:
+        raise LowbitError(f"--engine: '{engine}' is unknown; use one of {', '.join(ENGINES)}")
+    ok, why = supports(model)
+    if engine == "lean" and not ok:
+        raise LowbitError(f"--engine lean: {why}; fix: use --engine hf (or auto)")
+    return "lean" if engine == "auto" and ok else engine if engine != "auto" else "hf"
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                  chat: bool = True, on_text: Callable[[str], None] | None = None) -> int:
+                  chat: bool = True, on_text: Callable[[str], None] | None = None, kv_cache: str = "none",
+                  engine: str = "auto") -> int:
     """Generate and stream; returns the number of new tokens."""
+    from lowbit.runtime.kvcache import QuantizedKVCache, check_kind
+
+    check_kind(kv_cache, "--kv-cache")
     inputs = encode_prompt(tokenizer, prompt, chat)
+    if pick_engine(model, engine) == "lean":
+        from lowbit.runtime.decode import lean_generate
+
+        streamer = _Streamer(tokenizer, on_text) if on_text else None
+        if streamer:
+            streamer.prompt_seen = True  # the lean loop hands over new tokens only
+        stop = eos_ids(model, tokenizer)
+        new = lean_generate(model, inputs["input_ids"], max_new_tokens, kv_cache=kv_cache, temperature=temperature,
+                            repetition_penalty=1.1, eos_token_id=stop,
+                            on_token=(lambda t: streamer.put(t[0])) if streamer else None)
+        if streamer:
+            streamer.end()
+        return new.shape[1]
     sample = temperature > 0
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, repetition_penalty=1.1,
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
@@ -53,6 +96,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
         kwargs.update(temperature=temperature, top_p=0.95)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if kv_cache != "none":
+        kwargs["cache"] = QuantizedKVCache(kv_cache, model.config)
     streamer = _Streamer(tokenizer, on_text) if on_text else None
     out = model.generate(**inputs, streamer=streamer, **kwargs)
     return out.shape[1] - inputs["input_ids"].shape[1]
@@ -72,7 +117,10 @@ def greedy_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: 
     On a CPU a batch of 8 costs little more than one sequence per step, so suites that generate for
     many prompts run several times faster this way than one prompt at a time.
     """
+    from lowbit.runtime.kvcache import cache_kwargs, kv_of
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lean = pick_engine(model) == "lean"
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -82,7 +130,14 @@ def greedy_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: 
         for row, p in enumerate(chunk):
             ids[row, width - p.numel():] = p
             mask[row, width - p.numel():] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-        texts += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+        if lean:
+            from lowbit.runtime.decode import lean_generate
+
+            new = lean_generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=eos_ids(model, tokenizer),
+                                kv_cache=kv_of(model))
+        else:
+            new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                                 **cache_kwargs(model))[:, width:]
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in new]
     return texts

@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.model import sources
-from lowbit.model.qlinear import QLinear
+from lowbit.model.qlinear import QLinear, prepare_model
 from lowbit.model.st_reader import iter_tensors
 from lowbit.model.quantize import check_finite, plan_model, plans_from_json, set_submodule
 from lowbit.recipe import Recipe
@@ -179,6 +179,7 @@ def load_artifact(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
             _set_tensor(model, k, t.to(dtype) if t.is_floating_point() else t)
     model.lowbit_plan = plans
     model.lowbit_recipe = Recipe.from_dict(meta["recipe"], f"artifact file {meta_path}: field 'recipe'")
+    prepare_model(model)
     if (folder / IMATRIX_FILE).is_file():
         from safetensors.torch import load_file
 
@@ -218,4 +219,5 @@ def load_streaming(name_or_path: str | Path, recipe: Recipe, compute_dtype: torc
             del t
     model.lowbit_plan = list(plans.values())
     model.lowbit_recipe = recipe
+    prepare_model(model)
     return Loaded(_finish(model, folder), load_tokenizer(folder), {**src.describe(), "sha256": digest}, folder)

@@ -1,17 +1,38 @@
 """QLinear: an nn.Linear replacement that holds a QTensor's stored tensors as buffers.
 
-The forward pass here is the reference path: dequantize to the activation dtype, then F.linear.
-Dynamic INT8 (`activation: int8_dynamic`) quantizes each token's activations to int8 at run time and
-multiplies int8 x int8 -> int32 with torch._int_mm, then rescales.
+Two ways to run it:
+- the reference path (`kernel="reference"`): dequantize to the activation dtype, then F.linear; with
+  int8 activations, per-token (or calibrated static) int8 x int8 -> int32 through torch._int_mm. Tests
+  hold every fast path to this one.
+- the fast path (`kernel="auto"`, the default): the CPU kernel lowbit.model.kernels picks for the
+  format and shape (int8pack, int4pack, int8dyn), each casting activations to the dtype its kernel is
+  fast with. Formats with no fast kernel run dequantize-to-bf16 and say so once (`prepare_model`).
+
+With int4pack the packed weight replaces `qdata` in memory (the layout differs and holding both
+would double the weight memory); `qdata` is rebuilt from it whenever the stored form is needed
+(`qtensor()`, `state_dict()`, saving).
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QTensor, QuantSpec, dequantize_tensor, quantize_tensor
+from lowbit.formats import packing
+from lowbit.model import kernels
+
+KERNEL_MODES = ("auto", "reference")
+
+
+def default_kernel_mode() -> str:
+    mode = os.environ.get("LOWBIT_KERNELS", "auto")
+    return mode if mode in KERNEL_MODES else "auto"
 
 
 class QLinear(nn.Module):
@@ -28,6 +49,8 @@ class QLinear(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        self.plan: kernels.KernelPlan | None = None  # set by prepare()
+        self._packed: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None) -> "QLinear":
@@ -38,35 +61,106 @@ class QLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QLinear":
         return cls.from_weight(linear.weight.detach(), spec, linear.bias)
 
+    # -- the stored form ---------------------------------------------------------------------------
+    def _stored(self, name: str) -> torch.Tensor:
+        if name == "qdata" and "qdata" not in self._buffers:  # int4pack holds the codes packed its own way
+            codes = kernels.int4_codes(self._packed, self.in_features)
+            if self.spec.symmetric:
+                codes = codes - 8 + 2 ** (self.spec.bits - 1)  # kernel codes are q + 8; storage is q + 2**(b-1)
+            return packing.pack(codes, self.spec.bits) if self.spec.bits < 8 else codes.to(torch.uint8)
+        return getattr(self, name)
+
     def qtensor(self) -> QTensor:
-        return QTensor(self.spec, (self.out_features, self.in_features), {n: getattr(self, n) for n in self._names})
+        return QTensor(self.spec, (self.out_features, self.in_features), {n: self._stored(n) for n in self._names})
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "qdata" not in self._buffers and "qdata" in self._names:
+            destination[prefix + "qdata"] = self._stored("qdata")
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored (artifact) form."""
         return self.qtensor().nbytes
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this module holds in memory now (buffers, kernel tensors and bias; shared storage once)."""
+        seen, total = set(), 0
+        for t in [*self._buffers.values(), *self._packed.values(), *([self.bias] if self.bias is not None else [])]:
+            if t is None or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return total
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_tensor(self.qtensor(), dtype)
 
+    # -- kernels -----------------------------------------------------------------------------------
+    def prepare(self, kernel: str = "auto") -> kernels.KernelPlan:
+        """Pick and build this module's kernel ("auto": the fastest that holds the format; "reference")."""
+        if kernel not in KERNEL_MODES:
+            raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {kernel!r}")
+        if self.plan is not None and self.plan.name == "int4pack" and "qdata" not in self._buffers:
+            self.register_buffer("qdata", self._stored("qdata"))  # back to the stored form first
+        self._packed = {}
+        if kernel == "reference":
+            self.plan = kernels.KernelPlan("reference", False, "reference path requested")
+            return self.plan
+        qt = self.qtensor()
+        self.plan = kernels.plan_kernel(qt)
+        self._packed = kernels.pack(qt, self.plan)
+        if self.plan.name == "int4pack":
+            del self._buffers["qdata"]
+        return self.plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plan is None:
+            plan = self.prepare(default_kernel_mode())
+            if not plan.fast and plan.name != "reference":
+                warnings.warn(f"lowbit: a {self.spec.label} layer ({self.in_features}->{self.out_features}) has no fast "
+                              f"CPU kernel and runs dequantize-then-matmul: {plan.reason}", stacklevel=2)
+        if self.plan.name == "reference":
+            return self._forward_reference(x)
+        return kernels.run(self.plan, self._packed, self.qtensor, x, self.bias, self.out_features,
+                           self.spec.activation, getattr(self, "input_scale", None))
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation != "none":
-            return self._forward_int8_act(x)
+            p = {"w_t": self.qdata.t(), "s": self.scale.float().reshape(1, -1)}
+            y = kernels._int8_act(x.reshape(-1, self.in_features), p, self.spec.activation, getattr(self, "input_scale", None))
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _forward_int8_act(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
-        if self.spec.activation == "int8_static":
-            sx = self.input_scale.float().reshape(1, 1)  # calibrated, one per module
-        else:
-            amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
-            sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-        xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.qdata.t())  # (tokens, out) int32
-        # scale is (out, 1) per channel or (1, 1) per tensor: broadcast it along the output dim.
-        y = acc.float() * sx * self.scale.float().reshape(1, -1)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.label}, bias={self.bias is not None}"
+        kernel = "" if self.plan is None else f", kernel={self.plan.name}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.label}, bias={self.bias is not None}{kernel}"
+
+
+def prepare_model(model: nn.Module, kernel: str | None = None, warn: bool = True) -> dict[str, kernels.KernelPlan]:
+    """Pick every QLinear's kernel. Modules left without a fast kernel are named in one warning."""
+    kernel = kernel or default_kernel_mode()
+    plans = {name: m.prepare(kernel) for name, m in model.named_modules() if isinstance(m, QLinear)}
+    slow = defaultdict(list)
+    for name, plan in plans.items():
+        if not plan.fast and plan.name != "reference":
+            slow[plan.reason].append(name)
+    if warn and slow:
+        lines = [f"{len(names)} module(s) [{_names_hint(names)}]: {reason}" for reason, names in slow.items()]
+        warnings.warn("lowbit: no fast CPU kernel, these run dequantize-then-matmul in bf16:\n  " + "\n  ".join(lines),
+                      stacklevel=2)
+    return plans
+
+
+def _names_hint(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def kernel_summary(plans: dict[str, kernels.KernelPlan]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for p in plans.values():
+        counts[p.name] += 1
+    return dict(counts)

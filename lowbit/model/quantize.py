@@ -11,7 +11,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import torch_dtype
 from lowbit.formats.spec import QuantSpec
-from lowbit.model.qlinear import QLinear
+from lowbit.model.qlinear import QLinear, prepare_model
 from lowbit.recipe import Recipe
 
 Progress = Callable[[str, int, int], None]  # (module name, index, total)
@@ -111,6 +111,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, progress: Progress | None =
         linear = model.get_submodule(p.name)
         set_submodule(model, p.name, QLinear.from_linear(linear, p.spec))
     round_kept(model, recipe.keep_dtype)
+    prepare_model(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):
         head = getattr(model, "lm_head", None)

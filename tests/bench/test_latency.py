@@ -96,9 +96,9 @@ def test_alternating_order_same_prompts_and_warmup_excluded(pair, monkeypatch):
     calls = []
     real = latency.timed_request
 
-    def spy(model, prompts, new_tokens, pad):
+    def spy(model, prompts, new_tokens, pad, engine, kv_cache):
         calls.append((model, prompts))
-        return real(model, prompts, new_tokens, pad)
+        return real(model, prompts, new_tokens, pad, engine, kv_cache)
 
     monkeypatch.setattr(latency, "timed_request", spy)
     progress = []

@@ -10,7 +10,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, dequantize_tensor
 from lowbit.model.generate import complete
 from lowbit.model.load import load_model, load_streaming
-from lowbit.model.qlinear import QLinear
+from lowbit.model.qlinear import QLinear, prepare_model
 from lowbit.model.quantize import round_kept
 from lowbit.recipe import PRESETS, Recipe
 from tests.conftest import make_tiny_llama, save_hf
@@ -42,10 +42,11 @@ def test_every_preset_round_trips_exactly(name, tiny_dir, ids, tmp_path):
 
 
 def test_quantized_forward_equals_dequantized_weights(tiny_dir, ids):
-    """QLinear's forward is F.linear with the dequantized weight: a float model given those weights agrees."""
+    """QLinear's reference forward is F.linear with the dequantized weight: a float model given those weights agrees."""
     model = load_model(tiny_dir).model
     ref = load_model(tiny_dir).model
     lowbit.quantize(model, "w4-g32")
+    prepare_model(model, "reference")
     round_kept(ref, "float16")  # what quantize does to the kept tensors
     for name, m in model.named_modules():
         if isinstance(m, QLinear):

@@ -129,8 +129,10 @@ def _needles(tok, haystack_ids: torch.Tensor, length: int, count: int, seed: int
 
 @torch.no_grad()
 def _retrieves(model, tok, ids: torch.Tensor, code: str) -> tuple[bool, str]:
+    from lowbit.runtime.kvcache import cache_kwargs
+
     out = model.generate(ids[None], max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None,
-                         pad_token_id=tok.eos_token_id)
+                         pad_token_id=tok.eos_token_id, **cache_kwargs(model))
     text = tok.decode(out[0, ids.numel():], skip_special_tokens=True)
     return code in text, text
 

@@ -1,0 +1,159 @@
+"""CPU matmul kernels for QLinear, chosen per format and shape.
+
+torch ships fast CPU kernels for weight-only INT8 and INT4, but only for bf16 activations and a
+specific packed layout; given fp32 activations the same ops run 10-30x slower (PEERS.md). Each
+kernel here therefore owns its activation dtype: it casts the input to what the kernel wants and the
+output back, so a caller can never reach the slow combination by accident.
+
+    kernel     formats                                            how
+    int8pack   int8 symmetric, per channel / per tensor           aten._weight_int8pack_mm, bf16 x
+    int4pack   int 2-4 bit, groups of 32-256 (or per channel),    aten._weight_int4pack_mm_for_cpu, bf16 x;
+               symmetric, int or float zero point, act-order      codes unpacked to 0..15 and re-packed
+    int8dyn    int8 symmetric per channel, int8_dynamic/static    per-token int8 x -> torch._int_mm (int32
+               activations                                        accumulate), rescale
+    bf16deq    fp8, nf4, anything else                            dequantize to bf16, bf16 F.linear
+               (no fast kernel: the reference path in bf16)
+
+`plan_kernel` says which applies and, when none of the fast ones does, why (for `lowbit info` and
+the one warning). `pack` builds the kernel's tensors from a QTensor; `run` multiplies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats import QTensor, dequantize_tensor
+from lowbit.formats.qtensor import int_codes, zero_of
+
+INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    name: str  # int8pack, int4pack, int8dyn, bf16deq, reference
+    fast: bool
+    reason: str = ""  # why no fast kernel applies
+    group: int = 0  # int4pack: the kernel's group size
+
+
+def _int4_group(spec, cols: int) -> int:
+    """The kernel group size that fits the format's groups, or 0."""
+    span = cols if spec.granularity in ("channel", "tensor") else spec.group_size
+    for g in INT4_GROUPS:  # each kernel group must sit inside one format group
+        if span % g == 0 and cols % g == 0:
+            return g
+    return 0
+
+
+def plan_kernel(qt: QTensor) -> KernelPlan:
+    return plan_for(qt.spec, qt.shape[1], "perm" in qt.tensors)
+
+
+def plan_for(spec, in_features: int, has_perm: bool = False) -> KernelPlan:
+    """The kernel a module of this format and input width runs on (no tensors needed)."""
+    if spec.activation != "none":
+        return KernelPlan("int8dyn", True)
+    if spec.kind == "int" and spec.bits == 8:
+        if spec.symmetric and spec.granularity in ("channel", "tensor") and not has_perm:
+            return KernelPlan("int8pack", True)
+        why = ("group-wise int8 has no CPU kernel (int8pack takes one scale per output row)" if spec.granularity == "group"
+               else "asymmetric int8 has no CPU kernel (int8pack is symmetric)")
+        return KernelPlan("bf16deq", False, why + "; use the int8 preset (symmetric, per channel) for a fast path")
+    if spec.kind == "int" and spec.bits <= 4:
+        g = _int4_group(spec, in_features)
+        if g:
+            return KernelPlan("int4pack", True, group=g)
+        return KernelPlan("bf16deq", False, f"int4pack needs groups of 32, 64, 128 or 256 dividing the row; "
+                                            f"this module has {spec.granularity} {spec.group_size or ''} over {in_features} inputs")
+    if spec.kind == "int":
+        return KernelPlan("bf16deq", False, f"{spec.bits}-bit integers have no CPU kernel; use 4 or 8 bits")
+    if spec.kind == "nf4":
+        return KernelPlan("bf16deq", False, "NF4 has no fast CPU kernel in torch (bitsandbytes' CPU kernel is "
+                                            "downloaded at run time); use w4-g32 or w4-g128 for speed")
+    return KernelPlan("bf16deq", False, "torch has no FP8 matmul on CPU; FP8 weights are dequantized to bf16 per call")
+
+
+# -- packing ---------------------------------------------------------------------------------------
+def pack(qt: QTensor, plan: KernelPlan) -> dict[str, torch.Tensor]:
+    t = qt.tensors
+    if plan.name == "int8pack":
+        scale = t["scale"].float().reshape(-1).expand(qt.shape[0]).contiguous()
+        return {"w": t["qdata"], "s": scale.to(torch.bfloat16)}
+    if plan.name == "int4pack":
+        return _pack_int4(qt, plan.group)
+    if plan.name == "int8dyn":
+        return {"w_t": t["qdata"].t(), "s": t["scale"].float().reshape(1, -1)}
+    return {}
+
+
+def _pack_int4(qt: QTensor, g: int) -> dict[str, torch.Tensor]:
+    """Codes to 0..15 and (scale, zero) per kernel group with w = (u - 8) * scale + zero."""
+    spec, t = qt.spec, qt.tensors
+    rows, cols = qt.shape
+    q = int_codes(qt).to(torch.int32)  # signed (symmetric) or 0..2**b-1
+    zero = zero_of(t)
+    s = t["scale"].float()  # (rows or 1, n_groups)
+    if zero is None:  # symmetric: u = q + 8 and w = s * q = (u - 8) * s
+        u, z = q + 8, torch.zeros_like(s)
+    elif zero.is_floating_point():  # w = s * q + m = (q - 8) * s + (m + 8 s)
+        u, z = q, zero.float() + 8 * s
+    else:  # w = s * (q - zp) = (q - 8) * s + (8 - zp) * s
+        u, z = q, (8 - zero.float()) * s
+    s, z = s.expand(rows, -1), z.expand(rows, -1)
+    rep = (cols if spec.granularity != "group" else spec.group_size) // g  # kernel groups per format group
+    s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)  # (rows, cols // g)
+    sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()  # (cols // g, rows, 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    out = {"w": packed, "sz": sz}
+    if "perm" in t:
+        out["perm"] = t["perm"].long()
+    return out
+
+
+# -- running ---------------------------------------------------------------------------------------
+def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bias: torch.Tensor | None,
+        out_features: int, activation: str = "none", input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    shape = x.shape[:-1]
+    if plan.name == "int8dyn":
+        y = _int8_act(x.reshape(-1, x.shape[-1]), p, activation, input_scale)
+    else:
+        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if plan.name == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(xb, p["w"], p["s"])
+        elif plan.name == "int4pack":
+            if "perm" in p:
+                xb = xb.index_select(-1, p["perm"])
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p["w"], plan.group, p["sz"])
+        else:
+            y = F.linear(xb, dequantize_tensor(qt_fn(), torch.bfloat16))
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*shape, out_features)
+
+
+def _int8_act(x2: torch.Tensor, p: dict[str, torch.Tensor], activation: str, input_scale) -> torch.Tensor:
+    x2 = x2.float()
+    if activation == "int8_static":
+        sx = input_scale.float().reshape(1, 1)
+    else:
+        amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
+        sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
+    return torch._int_mm(xq, p["w_t"]).float() * sx * p["s"]
+
+
+def int4_codes(p: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+    """The 0..15 codes (rows, cols) back out of an int4pack weight. The packed layout is torch's own,
+    so read it through the kernel: identity activations with scale 1 and zero 8 return the codes."""
+    rows = p["sz"].shape[1]
+    sz = torch.stack([torch.ones(cols // 32, rows), torch.full((cols // 32, rows), 8.0)], -1).to(torch.bfloat16)
+    out = torch.empty(rows, cols, dtype=torch.int32)
+    for i in range(0, cols, 1024):  # identity rows in blocks keep the temporary small
+        eye = torch.zeros(min(1024, cols - i), cols, dtype=torch.bfloat16)
+        eye[:, i:i + eye.shape[0]].fill_diagonal_(1)
+        out[:, i:i + eye.shape[0]] = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, p["w"], 32, sz).t().to(torch.int32)
+    return out

@@ -1,0 +1,1 @@
+"""Running quantized models: KV-cache quantization and the lean decode loop."""

@@ -1,0 +1,181 @@
+"""Fast CPU kernels against the reference path, per format, per module and through a whole model."""
+
+import warnings
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.formats import QuantSpec
+from lowbit.model.load import load_artifact, load_model
+from lowbit.model.qlinear import QLinear, prepare_model
+
+SPECS = {
+    "int8 ch": (QuantSpec(kind="int", bits=8, granularity="channel"), "int8pack"),
+    "int4 asym g128": (QuantSpec(kind="int", bits=4, granularity="group", group_size=128, symmetric=False,
+                                 scale_dtype="float16"), "int4pack"),
+    "int4 asym-f g32": (QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False,
+                                  scale_dtype="float16", zero_domain="float"), "int4pack"),
+    "int4 sym g64": (QuantSpec(kind="int", bits=4, granularity="group", group_size=64), "int4pack"),
+    "int4 sym ch": (QuantSpec(kind="int", bits=4, granularity="channel"), "int4pack"),
+    "int3 asym g128": (QuantSpec(kind="int", bits=3, granularity="group", group_size=128, symmetric=False), "int4pack"),
+    "int8 a8dyn": (QuantSpec(kind="int", bits=8, granularity="channel", activation="int8_dynamic"), "int8dyn"),
+    "nf4": (QuantSpec(kind="nf4", bits=4, granularity="group", group_size=64), "bf16deq"),
+    "fp8": (QuantSpec(kind="fp8_e4m3", bits=8, granularity="channel"), "bf16deq"),
+    "int4 g16": (QuantSpec(kind="int", bits=4, granularity="group", group_size=16), "bf16deq"),
+}
+# The fast kernels take bf16 activations (and bf16 scales for int4pack): 8 mantissa bits, so the
+# stated tolerance against the fp32 reference is 1% relative error of the layer output.
+REL_TOL = 1e-2
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("label", list(SPECS))
+def test_fast_kernel_matches_reference(label):
+    spec, kernel = SPECS[label]
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(96, 512, generator=g) * 0.05, torch.randn(96, generator=g)
+    x = torch.randn(2, 7, 512, generator=g)
+    m = QLinear.from_weight(w, spec, b)
+    stored = {k: v.clone() for k, v in m.state_dict().items()}
+    m.prepare("reference")
+    ref = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = m.prepare("auto")
+        y = m(x)
+    assert plan.name == kernel and plan.fast == (kernel != "bf16deq")
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert _rel(y, ref) < REL_TOL
+    # the stored form survives the kernel's repacking bit for bit (int4pack drops qdata in memory)
+    assert all(torch.equal(stored[k], v) for k, v in m.state_dict().items()) and set(stored) == set(m.state_dict())
+
+
+def test_int4pack_holds_the_weight_once_in_memory():
+    m = QLinear.from_weight(torch.randn(256, 1024), SPECS["int4 sym g64"][0])
+    before = m.memory_bytes
+    m.prepare("auto")
+    assert "qdata" not in m._buffers
+    assert m.memory_bytes < 1.3 * before  # packed codes replace qdata; bf16 scale/zero pairs are extra
+
+
+def test_act_order_permutation_runs_on_the_fast_kernel():
+    from lowbit.formats import affine
+    from lowbit.formats.qtensor import int_qtensor
+
+    spec = SPECS["int4 asym g128"][0]
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 256), torch.randn(3, 256)
+    perm = torch.randperm(256)
+    scale, zero = affine.choose_qparams(w[:, perm], spec)
+    qt = int_qtensor(spec, affine.quantize(w[:, perm], scale, zero, spec), scale, zero, perm)
+    m = QLinear(256, 64, spec, qt.tensors)
+    m.prepare("reference")
+    ref = m(x)
+    assert m.prepare("auto").name == "int4pack"
+    assert _rel(m(x), ref) < REL_TOL
+    assert _rel(ref, x @ w.T) < 0.2  # and the reference really is the un-permuted weight
+
+
+def test_one_warning_names_the_slow_modules(tiny_dir):
+    model = load_model(tiny_dir).model
+    lowbit.quantize(model, "nf4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plans = prepare_model(model)
+    msgs = [str(w.message) for w in caught if "no fast CPU kernel" in str(w.message)]
+    assert len(msgs) == 1
+    assert "model.layers.0.self_attn.q_proj" in msgs[0] and "NF4" in msgs[0]
+    assert {p.name for p in plans.values()} == {"bf16deq"}
+
+
+@pytest.mark.parametrize("preset", ["int8", "w4-g32", "w8a8-dynamic"])
+def test_whole_model_fast_logits_close_to_reference_and_artifact_unchanged(tiny_dir, ids, tmp_path, preset):
+    model = load_model(tiny_dir).model
+    lowbit.quantize(model, preset)
+    with torch.no_grad():
+        prepare_model(model, "reference")
+        ref = model(ids).logits
+        plans = prepare_model(model, "auto")
+        fast = model(ids).logits
+    assert all(p.fast for p in plans.values())
+    assert _rel(fast, ref) < 2 * REL_TOL
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    out = lowbit.save(model, tmp_path / "a")  # saving a model on fast kernels stores the same artifact
+    back = load_artifact(out).model
+    prepare_model(back, "reference")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref)
+
+
+# -- the lean decode loop and KV-cache quantization ------------------------------------------------
+def _hf_greedy(model, ids, n, **kw):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None, **kw)[:, ids.shape[1]:]
+
+
+def test_lean_decode_equals_transformers_greedy(ids):
+    from tests.conftest import make_tiny_llama
+    from lowbit.runtime.decode import lean_generate
+
+    model = make_tiny_llama()
+    with torch.no_grad():
+        assert torch.equal(lean_generate(model, ids, 24), _hf_greedy(model, ids, 24))
+        assert torch.equal(lean_generate(model, ids, 24, repetition_penalty=1.1),
+                           _hf_greedy(model, ids, 24, repetition_penalty=1.1))
+
+
+def test_lean_decode_left_padded_batch_equals_single_rows():
+    from tests.conftest import make_tiny_llama
+    from lowbit.runtime.decode import lean_generate
+
+    model = make_tiny_llama(seed=3)
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randint(0, 256, (1, 7), generator=g), torch.randint(0, 256, (1, 13), generator=g)
+    batch = torch.cat([torch.cat([torch.full((1, 6), 257), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        both = lean_generate(model, batch, 12, attention_mask=mask)
+        assert torch.equal(both[0:1], lean_generate(model, short, 12))
+        assert torch.equal(both[1:2], lean_generate(model, long, 12))
+        assert torch.equal(both, _hf_greedy(model, batch, 12, attention_mask=mask, pad_token_id=257))
+
+
+@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("fp8", 0.08)])
+def test_quantized_kv_cache_close_to_float_in_both_engines(kind, tol):
+    from tests.conftest import make_tiny_llama
+    from lowbit.runtime.decode import LeanDecoder
+    from lowbit.runtime.kvcache import QuantizedKVCache, kv_bytes_per_token
+
+    model = make_tiny_llama(seed=1)
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).logits
+        hf_cache = QuantizedKVCache(kind, model.config)
+        hf = model(x, cache=hf_cache).logits
+        dec = LeanDecoder(model, 2, 64, kind)
+        lean = dec.prefill(x)
+        step = dec.step(torch.tensor([[5], [6]]))
+        full = model(torch.cat([x, torch.tensor([[5], [6]])], 1)).logits[:, -1]
+    assert 0 < _rel(hf, ref) < tol
+    assert 0 < _rel(lean, ref[:, -1]) < tol and _rel(step, full) < tol
+    assert torch.allclose(lean, hf[:, -1], atol=1e-4)  # one format, two engines: the same numbers
+    # 2 layers, 2 KV heads of 16 dims, 2 rows x 48 tokens: codes plus one fp32 scale per token-head
+    assert hf_cache.nbytes == kv_bytes_per_token(2, 2, 16, kind) * 2 * 48
+    assert kv_bytes_per_token(2, 2, 16, kind) / kv_bytes_per_token(2, 2, 16, "none") == pytest.approx(20 / 64)
+
+
+def test_kv_cache_bad_kind_and_unsupported_architecture():
+    from types import SimpleNamespace
+
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.kvcache import QuantizedKVCache, check_architecture
+
+    with pytest.raises(LowbitError, match="int8, fp8"):
+        QuantizedKVCache("int4")
+    cfg = SimpleNamespace(model_type="qwen3_next", layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(LowbitError, match="linear_attention"):
+        check_architecture(cfg)
