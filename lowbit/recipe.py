@@ -169,22 +169,29 @@ def _int(bits: int, granularity: str, group_size: int | None = None, symmetric: 
                      symmetric=symmetric, scale_dtype=scale_dtype, activation=activation)
 
 
+# The output head of every preset is INT8 per row (FP8 in the FP8 presets): at 135M-270M parameters
+# the head is a fifth to three fifths of the model, so a float head would dominate both the bytes a
+# decoded token reads and, for tied models, memory (its rows also serve as the embedding table).
+HEAD_INT8 = Override("lm_head", _int(8, "channel"))
+
 PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe(name="int8", scheme=_int(8, "channel"),
+        Recipe(name="int8", scheme=_int(8, "channel"), ignore=(),
                description="INT8 weights, symmetric, one scale per output channel; activations stay float"),
-        Recipe(name="w8a8-dynamic", scheme=_int(8, "channel", activation="int8_dynamic"),
-               description="dynamic INT8: INT8 per-channel weights, activations quantized per token at run time"),
+        Recipe(name="w8a8-dynamic", scheme=_int(8, "channel", activation="int8_dynamic"), ignore=(), overrides=(HEAD_INT8,),
+               description="dynamic INT8: INT8 per-channel weights, activations quantized per token at run time (head: INT8 weight-only)"),
         Recipe(name="w4-g128", scheme=_int(4, "group", 128, symmetric=False, scale_dtype="float16"), group_fallback="shrink",
-               description="INT4 asymmetric, groups of 128 (rows 128 does not divide use the largest power-of-two group that does)"),
+               ignore=(), overrides=(HEAD_INT8,),
+               description="INT4 asymmetric, groups of 128 (rows 128 does not divide use the largest power-of-two group that does); head INT8"),
         Recipe(name="w4-g32", scheme=_int(4, "group", 32, symmetric=False, scale_dtype="float16"), group_fallback="shrink",
-               description="INT4 asymmetric, groups of 32"),
+               ignore=(), overrides=(HEAD_INT8,), description="INT4 asymmetric, groups of 32; head INT8"),
         Recipe(name="nf4", scheme=QuantSpec(kind="nf4", bits=4, granularity="group", group_size=64, double_quant=True),
-               group_fallback="shrink", description="NF4 (QLoRA NormalFloat-4), absmax groups of 64, double-quantized scales"),
-        Recipe(name="fp8", scheme=QuantSpec(kind="fp8_e4m3", bits=8, granularity="channel"),
+               group_fallback="shrink", ignore=(), overrides=(HEAD_INT8,),
+               description="NF4 (QLoRA NormalFloat-4), absmax groups of 64, double-quantized scales; head INT8"),
+        Recipe(name="fp8", scheme=QuantSpec(kind="fp8_e4m3", bits=8, granularity="channel"), ignore=(),
                description="FP8 E4M3 weights with one float32 scale per output channel"),
-        Recipe(name="fp8-e5m2", scheme=QuantSpec(kind="fp8_e5m2", bits=8, granularity="channel"),
+        Recipe(name="fp8-e5m2", scheme=QuantSpec(kind="fp8_e5m2", bits=8, granularity="channel"), ignore=(),
                description="FP8 E5M2 weights with one float32 scale per output channel (wider range, fewer mantissa bits)"),
     )
 }

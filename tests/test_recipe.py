@@ -6,10 +6,11 @@ from lowbit.errors import LowbitError
 from lowbit.recipe import PRESETS, Recipe, matches, preset, resolve_recipe
 
 
-def test_required_presets_exist_and_keep_the_head():
+def test_required_presets_exist_with_a_per_row_head():
     for name in ("int8", "w4-g128", "w4-g32", "nf4", "fp8", "w8a8-dynamic"):
         r = PRESETS[name]
-        assert r.spec_for("lm_head") is None
+        head = r.spec_for("lm_head")  # INT8 (FP8 for fp8) per row, weight-only: its rows can serve as the embedding table
+        assert head.granularity == "channel" and head.bits == 8 and head.activation == "none"
         assert r.spec_for("model.layers.0.mlp.down_proj") is not None
     assert PRESETS["nf4"].scheme.double_quant
     assert PRESETS["int8"].scheme.granularity == "channel"

@@ -1,7 +1,8 @@
 """The native lowbit artifact: a folder a new process can load back to identical logits.
 
     model.safetensors   QLinear buffers (qdata, scale, ...) and every kept tensor in keep_dtype
-    config.json         the transformers config (tie_word_embeddings off when the head is quantized)
+    config.json         the transformers config (tie_word_embeddings off when the head is quantized;
+                        lowbit.json's "embedding": "lm_head" then says the embedding reads the head's rows)
     tokenizer files     copied through the tokenizer's own save_pretrained
     lowbit.json         format + version, lowbit version, recipe, per-module plan, source identity,
                         and the calibration record (method, data statistics) when one was used
@@ -95,6 +96,8 @@ def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: di
             "recipe": recipe.to_dict(),
             "modules": plans_to_json(plans),
         }
+        if getattr(model, "lowbit_embedding", None):
+            meta["embedding"] = model.lowbit_embedding  # embeddings read from the quantized head's rows
         calibration = getattr(model, "lowbit_calibration", None)
         if calibration:
             meta["calibration"] = calibration

@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.model import sources
-from lowbit.model.qlinear import QLinear, prepare_model
+from lowbit.model.qlinear import QLinear, prepare_model, share_embedding
 from lowbit.model.st_reader import iter_tensors
 from lowbit.model.quantize import check_finite, plan_model, plans_from_json, set_submodule
 from lowbit.recipe import Recipe
@@ -174,6 +174,9 @@ def load_artifact(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
                 raise LowbitError(f"artifact {weights}: tensors of module {p.name} are missing; the artifact is damaged; quantize again")
             set_submodule(model, p.name, QLinear(p.in_features, p.out_features, p.spec, tensors, bias))
             keys -= {prefix + n for n in tensors} | {prefix + "bias"}
+        if meta.get("embedding") == "lm_head" and not share_embedding(model):
+            raise LowbitError(f"artifact file {meta_path}: field 'embedding' says the embeddings are the head's rows, "
+                              f"but the head is not a per-row INT8/FP8 module; the artifact is damaged; quantize again")
         for k in keys:
             t = f.get_tensor(k)
             _set_tensor(model, k, t.to(dtype) if t.is_floating_point() else t)
@@ -199,9 +202,23 @@ def load_streaming(name_or_path: str | Path, recipe: Recipe, compute_dtype: torc
     plans = {p.name: p for p in plan_model(model, recipe)}
     todo = {p.name + ".weight": p for p in plans.values() if p.spec is not None}
     todo_modules = {p.name for p in todo.values()}
+    tied_head = None  # a tied checkpoint stores the head only as the embedding table
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in todo:
+        emb = model.get_input_embeddings()
+        tied_head = next(n for n, m in model.named_modules() if m is emb) + ".weight"
     for path in sources.weight_files(folder):
         sources.check_safetensors(path)
         for key, t in iter_tensors(path):  # plain reads: one float tensor alive at a time
+            if key == tied_head:
+                plan = todo["lm_head.weight"]
+                check_finite(plan.name, t)
+                set_submodule(model, "lm_head", QLinear.from_weight(t, plan.spec))
+                if not share_embedding(model):
+                    _set_tensor(model, key, t.to(compute_dtype))
+                model.config.tie_word_embeddings = False
+                del t
+                release_memory()
+                continue
             plan = todo.get(key)
             if plan is not None:
                 check_finite(plan.name, t)

@@ -164,3 +164,59 @@ def kernel_summary(plans: dict[str, kernels.KernelPlan]) -> dict[str, int]:
     for p in plans.values():
         counts[p.name] += 1
     return dict(counts)
+
+
+class QEmbedding(nn.Module):
+    """Embedding lookups read from a tied, quantized output head: one matrix, stored and held once.
+
+    Tied models (SmolLM2, Gemma 3) use the embedding table as the output head. When the head is
+    quantized to a per-row format (INT8 or FP8, one scale per row), a token's embedding is its row
+    of the head, dequantized on lookup, so the float table need not be kept beside it. The head is
+    referenced, not registered, so its tensors are saved once, under the head's name.
+    """
+
+    def __init__(self, head: QLinear, dtype: torch.dtype, embed_scale: float | None = None,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        if not self.supports(head.spec):
+            raise ValueError(f"QEmbedding needs a per-row head format, got {head.spec.label}")
+        object.__setattr__(self, "head", head)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype, self.embed_scale, self.padding_idx = dtype, embed_scale, padding_idx
+
+    @staticmethod
+    def supports(spec: QuantSpec) -> bool:
+        return (spec.granularity == "channel" and spec.activation == "none"
+                and ((spec.kind == "int" and spec.bits == 8 and spec.symmetric) or spec.kind.startswith("fp8")))
+
+    @classmethod
+    def replacing(cls, embedding: nn.Module, head: QLinear) -> "QEmbedding":
+        """Built to stand in for `embedding` (keeps its dtype and, for Gemma-style scaled embeddings, its scale)."""
+        scale = getattr(embedding, "embed_scale", None)
+        scale = float(scale) if scale is not None and not (isinstance(scale, torch.Tensor) and scale.is_meta) else None
+        return cls(head, embedding.weight.dtype, scale, getattr(embedding, "padding_idx", None))
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code that inspects model.get_input_embeddings().weight sees
+        return self.head.dequantized_weight(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.head
+        rows = h.qdata[ids].float() * h.scale.float().reshape(-1)[ids].unsqueeze(-1)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale
+        return rows.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantized head ({self.head.spec.label})"
+
+
+def share_embedding(model: nn.Module) -> bool:
+    """If the model's output head is tied to its embeddings and now a per-row QLinear, make the
+    embedding read from it. Returns whether it did (the artifact records it as embedding: lm_head)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, QLinear) or not QEmbedding.supports(head.spec):
+        return False
+    model.set_input_embeddings(QEmbedding.replacing(model.get_input_embeddings(), head))
+    model.lowbit_embedding = "lm_head"
+    return True

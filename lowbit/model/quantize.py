@@ -11,7 +11,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import torch_dtype
 from lowbit.formats.spec import QuantSpec
-from lowbit.model.qlinear import QLinear, prepare_model
+from lowbit.model.qlinear import QLinear, prepare_model, share_embedding
 from lowbit.recipe import Recipe
 
 Progress = Callable[[str, int, int], None]  # (module name, index, total)
@@ -110,13 +110,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, progress: Progress | None =
             progress(p.name, i, len(todo))
         linear = model.get_submodule(p.name)
         set_submodule(model, p.name, QLinear.from_linear(linear, p.spec))
-    round_kept(model, recipe.keep_dtype)
-    prepare_model(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):
-        head = getattr(model, "lm_head", None)
-        if isinstance(head, QLinear):  # the head is quantized on its own now; the artifact must not re-tie it
+        if isinstance(getattr(model, "lm_head", None), QLinear):
+            # one matrix: a per-row (INT8/FP8) head serves the embedding lookups too; any other head
+            # format leaves the float embedding table on its own. Either way the artifact must not re-tie.
+            share_embedding(model)
             config.tie_word_embeddings = False
+    round_kept(model, recipe.keep_dtype)
+    prepare_model(model)
     model.lowbit_plan = plans
     model.lowbit_recipe = recipe
     return plans

@@ -10,8 +10,10 @@ for HF generate against 52 for llama.cpp at FP32). This loop runs a Llama-layout
 - F.rms_norm and F.scaled_dot_product_attention (GQA without repeating K/V);
 - logits for the last position only.
 
-Supported: model types whose decoder layer is the Llama layout (llama, mistral, qwen2). Anything
-else runs through transformers' generate with the same kernels (`supports()` says why).
+Supported: the Llama layout (llama, mistral, qwen2) and Gemma 3 text models (gemma3_text: (1 + w)
+norms, q/k norms, norms after attention and MLP, tanh-GELU, sliding-window layers with their own
+rotary table). Anything else runs through transformers' generate with the same kernels
+(`supports()` says why).
 """
 
 from __future__ import annotations
@@ -25,20 +27,33 @@ from lowbit.errors import LowbitError
 from lowbit.runtime.kvcache import check_kind, dequantize_kv, quantize_kv
 
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
+GEMMA3 = ("gemma3_text",)
 
 
 def supports(model) -> tuple[bool, str]:
     cfg = model.config
     mt = getattr(cfg, "model_type", "?")
-    if mt not in LLAMA_LAYOUT:
-        return False, f"model type '{mt}' is not a Llama-layout decoder ({', '.join(LLAMA_LAYOUT)})"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return False, f"activation '{cfg.hidden_act}' (the lean loop implements silu)"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
-        return False, "sliding-window attention"
+    if mt not in LLAMA_LAYOUT + GEMMA3:
+        return False, f"model type '{mt}' is not one the lean loop runs ({', '.join(LLAMA_LAYOUT + GEMMA3)})"
+    if mt in LLAMA_LAYOUT and getattr(cfg, "hidden_act", "silu") != "silu":
+        return False, f"activation '{cfg.hidden_act}' (the lean loop implements silu for this layout)"
+    if mt in GEMMA3 and getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        return False, f"activation '{cfg.hidden_activation}'"
+    if mt in GEMMA3 and (getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_bidirectional_attention", False)):
+        return False, "attention soft-capping or bidirectional attention"
+    if mt in LLAMA_LAYOUT and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
+        return False, "sliding-window attention in a Llama-layout model"
     if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
         return False, "no model.rotary_emb module"
     return True, ""
+
+
+def _norm_weight(norm) -> tuple[torch.Tensor, float]:
+    """(effective weight, eps) of an RMSNorm module: Gemma's scale by (1 + w), Llama's by w."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    if type(norm).__name__.startswith("Gemma"):
+        return (1.0 + norm.weight.float()), eps
+    return norm.weight, eps
 
 
 class LeanDecoder:
@@ -68,9 +83,24 @@ class LeanDecoder:
             self.vs = [torch.ones(*shape[:3], 1) for _ in self.layers]
         pos = torch.arange(max_len).unsqueeze(0)
         dummy = torch.zeros(1, 1, self.head_dim, dtype=self.dtype)
+        self.gemma = cfg.model_type in GEMMA3
+        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
+        self.window = [cfg.sliding_window if t == "sliding_attention" else None for t in types]
+        self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
-            cos, sin = model.model.rotary_emb(dummy, pos)
-        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (max_len, head_dim)
+            for t in sorted(set(types)):
+                cos, sin = (model.model.rotary_emb(dummy, pos, t) if self.gemma else model.model.rotary_emb(dummy, pos))
+                self.rope[t] = (cos[0].to(self.dtype), sin[0].to(self.dtype))  # (max_len, head_dim)
+        self.types = types
+        self.cos, self.sin = self.rope[types[0]]
+        # norm weights once: Gemma's (1 + w) would otherwise be recomputed for every token
+        self.norms = [{n: _norm_weight(getattr(layer, n)) for n in ("input_layernorm", "post_attention_layernorm",
+                                                                    "pre_feedforward_layernorm", "post_feedforward_layernorm")
+                       if hasattr(layer, n)} for layer in self.layers]
+        self.qk_norms = [(_norm_weight(layer.self_attn.q_norm), _norm_weight(layer.self_attn.k_norm))
+                         if hasattr(layer.self_attn, "q_norm") else None for layer in self.layers]
+        self.final_norm = _norm_weight(model.model.norm)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.length = 0
         self.key_mask: torch.Tensor | None = None  # (batch, max_len) bool, with left padding
 
@@ -97,6 +127,34 @@ class LeanDecoder:
         return (dequantize_kv(self.k[i][:, :, :end], self.ks[i][:, :, :end], k.dtype),
                 dequantize_kv(self.v[i][:, :, :end], self.vs[i][:, :, :end], v.dtype))
 
+    @staticmethod
+    def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        w, eps = norm
+        if w.dtype != x.dtype:  # Gemma: normalise and scale in fp32, then back
+            return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+    def _masks(self, B: int, T: int, start: int, end: int) -> dict:
+        """Per window size: (attn_mask or None, is_causal, first key index) for this step."""
+        out = {}
+        for window in set(self.window):
+            lo = 0 if window is None else max(0, end - T - window + 1)  # oldest key any query here can see
+            q = torch.arange(start, end)[:, None]
+            k = torch.arange(lo, end)[None, :]
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (q - k < window)
+            if self.key_mask is not None:
+                allowed = self.key_mask[:, None, None, lo:end] & allowed
+                out[window] = (allowed, False, lo)
+            elif T == 1 and (window is None or lo == end - min(end, window)):
+                out[window] = (None, False, lo)  # one query, every key in range visible
+            elif start == 0 and lo == 0 and (window is None or T <= window):
+                out[window] = (None, True, lo)
+            else:
+                out[window] = (allowed, False, lo)
+        return out
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run `ids` (batch, T) after what is cached; returns the last position's logits (batch, vocab)."""
@@ -106,40 +164,46 @@ class LeanDecoder:
             raise LowbitError(f"lean decode: {end} tokens exceed the cache of {self.max_len}; raise max_len")
         m = self.model.model
         h = m.embed_tokens(ids)
-        if positions is None:
-            cos, sin = self.cos[start:end], self.sin[start:end]  # (T, D), broadcast over batch and heads
-        else:  # per-row positions (left padding): (B, 1, T, D)
-            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        mask, causal = None, False
-        if self.key_mask is not None:
-            keys = self.key_mask[:, :end]  # (B, end)
-            mask = keys[:, None, None, :].expand(B, 1, T, end)
-            if T > 1:
-                mask = mask & torch.ones(T, end, dtype=torch.bool).tril(start)
-        elif T > 1:
-            if start == 0:
-                causal = True
-            else:
-                mask = torch.ones(T, end, dtype=torch.bool).tril(start)
+        ropes = {}
+        for t, (cos, sin) in self.rope.items():
+            if positions is None:  # (T, D), broadcast over batch and heads
+                ropes[t] = (cos[start:end], sin[start:end])
+            else:  # per-row positions (left padding): (B, 1, T, D)
+                ropes[t] = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+        masks = self._masks(B, T, start, end)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = F.rms_norm(h, (h.shape[-1],), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            attn, norms = layer.self_attn, self.norms[i]
+            x = self._rms(h, norms["input_layernorm"])
             q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
             k = attn.k_proj(x).view(B, T, KV, D).transpose(1, 2)
             v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+            if self.qk_norms[i] is not None:
+                q, k = self._rms(q, self.qk_norms[i][0]), self._rms(k, self.qk_norms[i][1])
+            cos, sin = ropes[self.types[i]]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             K, V = self._write(i, k, v, start, end)
+            mask, causal, lo = masks[self.window[i]]
+            if lo:
+                K, V = K[:, :, lo:], V[:, :, lo:]
             o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=causal, scale=attn.scaling,
                                                enable_gqa=KV != H)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+            o = attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
             mlp = layer.mlp
-            x = F.rms_norm(h, (h.shape[-1],), layer.post_attention_layernorm.weight,
-                           layer.post_attention_layernorm.variance_epsilon)
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if self.gemma:
+                h = h + self._rms(o, norms["post_attention_layernorm"])
+                x = self._rms(h, norms["pre_feedforward_layernorm"])
+                y = mlp.down_proj(F.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x))
+                h = h + self._rms(y, norms["post_feedforward_layernorm"])
+            else:
+                h = h + o
+                x = self._rms(h, norms["post_attention_layernorm"])
+                h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         self.length = end
-        last = F.rms_norm(h[:, -1], (h.shape[-1],), m.norm.weight, m.norm.variance_epsilon)
-        return self.model.lm_head(last).float()
+        logits = self.model.lm_head(self._rms(h[:, -1], self.final_norm)).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Start new sequences. With left padding pass attention_mask (batch, T) of 0/1."""

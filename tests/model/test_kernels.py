@@ -82,13 +82,14 @@ def test_act_order_permutation_runs_on_the_fast_kernel():
 
 def test_one_warning_names_the_slow_modules(tiny_dir):
     model = load_model(tiny_dir).model
-    lowbit.quantize(model, "nf4")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plans = prepare_model(model)
+        lowbit.quantize(model, "nf4")
     msgs = [str(w.message) for w in caught if "no fast CPU kernel" in str(w.message)]
-    assert len(msgs) == 1
-    assert "model.layers.0.self_attn.q_proj" in msgs[0] and "NF4" in msgs[0]
+    assert len(msgs) == 1  # one warning for the whole model, not one per module
+    assert "model.layers.0.self_attn.q_proj" in msgs[0] and "NF4" in msgs[0] and "lm_head" not in msgs[0]
+    plans = prepare_model(model, warn=False)
+    assert plans.pop("lm_head").name == "int8pack"  # the preset's INT8 head has its fast kernel
     assert {p.name for p in plans.values()} == {"bf16deq"}
 
 
@@ -179,3 +180,54 @@ def test_kv_cache_bad_kind_and_unsupported_architecture():
     cfg = SimpleNamespace(model_type="qwen3_next", layer_types=["linear_attention", "full_attention"])
     with pytest.raises(LowbitError, match="linear_attention"):
         check_architecture(cfg)
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                           max_position_embeddings=256, query_pre_attn_scalar=16, tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms (Gemma scales by 1 + w) and visible weights
+        for p in model.parameters():
+            p.normal_(0, 0.08 if p.ndim == 2 else 0.3)
+    return model
+
+
+def test_lean_decode_gemma3_sliding_windows_equal_transformers():
+    """Prompts longer than the sliding window, left padding, q/k norms and (1 + w) norms: same tokens as HF."""
+    from lowbit.runtime.decode import LeanDecoder, lean_generate
+
+    model = _tiny_gemma3()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (1, 20), generator=g)
+    with torch.no_grad():
+        dec = LeanDecoder(model, 1, 64)
+        assert torch.allclose(dec.prefill(ids), model(ids).logits[:, -1], atol=1e-5)
+        assert torch.equal(lean_generate(model, ids, 20), _hf_greedy(model, ids, 20))
+        a, b = torch.randint(0, 300, (1, 6), generator=g), torch.randint(0, 300, (1, 14), generator=g)
+        batch = torch.cat([torch.cat([torch.zeros(1, 8, dtype=torch.long), a], 1), b])
+        mask = torch.ones_like(batch)
+        mask[0, :8] = 0
+        both = lean_generate(model, batch, 12, attention_mask=mask)
+        assert torch.equal(both, _hf_greedy(model, batch, 12, attention_mask=mask, pad_token_id=0))
+        assert torch.equal(both[0:1], lean_generate(model, a, 12))
+
+
+def test_quantized_gemma3_embedding_reads_head_rows(tmp_path):
+    """A tied Gemma head quantized to INT8 serves the (scaled) embedding lookups; save/load keeps it."""
+    from lowbit.model.qlinear import QEmbedding
+    from lowbit.recipe import PRESETS
+
+    model = _tiny_gemma3()
+    emb = model.get_input_embeddings()
+    ids = torch.tensor([[1, 5, 7, 299]])
+    with torch.no_grad():
+        want = emb(ids)
+        lowbit.quantize(model, PRESETS["int8"])
+        got = model.get_input_embeddings()(ids)
+    assert isinstance(model.get_input_embeddings(), QEmbedding)
+    assert _rel(got, want) < 0.01 and got.dtype == want.dtype

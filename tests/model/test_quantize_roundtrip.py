@@ -10,7 +10,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, dequantize_tensor
 from lowbit.model.generate import complete
 from lowbit.model.load import load_model, load_streaming
-from lowbit.model.qlinear import QLinear, prepare_model
+from lowbit.model.qlinear import QEmbedding, QLinear, prepare_model
 from lowbit.model.quantize import round_kept
 from lowbit.recipe import PRESETS, Recipe
 from tests.conftest import make_tiny_llama, save_hf
@@ -29,9 +29,12 @@ def test_every_preset_round_trips_exactly(name, tiny_dir, ids, tmp_path):
     lowbit.quantize(loaded.model, name)
     with torch.no_grad():
         q = loaded.model(ids).logits
-    assert sum(isinstance(m, QLinear) for m in loaded.model.modules()) == 14  # 7 per layer, head kept
+    assert sum(isinstance(m, QLinear) for m in loaded.model.modules()) == 15  # 7 per layer and the head
+    shared = isinstance(loaded.model.get_input_embeddings(), QEmbedding)
+    assert shared  # every preset's head is INT8/FP8 per row, so the tied table is its rows
     lowbit.save(loaded.model, tmp_path / "art", tokenizer=loaded.tokenizer)
     meta = json.loads((tmp_path / "art" / "lowbit.json").read_text())
+    assert meta.get("embedding") == "lm_head"
     assert meta["source"]["sha256"] == loaded.source["sha256"] and len(meta["source"]["sha256"]) == 64
     assert meta["recipe"]["name"] == name and meta["lowbit_version"] == lowbit.__version__
     reloaded = lowbit.load(tmp_path / "art")
@@ -105,8 +108,14 @@ def test_streaming_never_materialises_the_float_model(tiny_dir, monkeypatch):
     monkeypatch.setattr(load_mod.QLinear, "from_weight",
                         classmethod(lambda cls, w, spec, bias=None: (seen.append(w.shape), real(w, spec, bias))[1]))
     model = load_streaming(tiny_dir, PRESETS["int8"], torch.float32).model
-    assert len(seen) == 14
-    assert not any(isinstance(m, torch.nn.Linear) and m is not model.lm_head for m in model.modules())
+    assert len(seen) == 15  # 7 per layer, and the tied head built from the embedding table as it arrives
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.get_input_embeddings(), QEmbedding)
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
+    in_memory = load_model(tiny_dir).model
+    lowbit.quantize(in_memory, "int8")
+    with torch.no_grad():  # same tensors either way (the streaming path skips round_kept's fp16 rounding of norms)
+        assert torch.allclose(model(ids).logits, in_memory(ids).logits, atol=1e-2)
 
 
 def test_generate_runs_on_reloaded_artifact(tiny_dir, tmp_path):
@@ -137,7 +146,9 @@ def test_indivisible_group_size_errors_or_shrinks():
     with pytest.raises(LowbitError, match="not divisible"):  # 48 -> 24 -> 12 does not divide 64 either
         lowbit.quantize(model, shrink)
     plans = lowbit.quantize(model, "w4-g128").lowbit_plan  # 128 -> 64 on 64-wide rows
-    groups = {p.name.rsplit(".", 1)[1]: p.spec.group_size for p in plans if p.spec}
+    head = next(p for p in plans if p.name == "lm_head")
+    assert head.spec.label == "int8 ch"  # the preset's head override
+    groups = {p.name.rsplit(".", 1)[1]: p.spec.group_size for p in plans if p.spec and p is not head}
     assert groups == {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64,
                       "down_proj": 128}
 
