@@ -203,7 +203,10 @@ def weight_bytes(model: nn.Module) -> int:
 
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [t for m in model.modules() if isinstance(m, QLinear) for t in m._packed.values()]
+    tensors += [t for m in model.modules() if isinstance(m, QLinear) for t in m._packed.values() if isinstance(t, torch.Tensor)]
+    opaque = sum(m.in_features * m.out_features + 8 * m.out_features for m in model.modules()
+                 if isinstance(m, QLinear) and "linear" in m._packed)  # prepacked int8 GEMM weights
+    total += opaque
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if key not in seen:

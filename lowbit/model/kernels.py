@@ -9,8 +9,9 @@ output back, so a caller can never reach the slow combination by accident.
     int8pack   int8 symmetric, per channel / per tensor           aten._weight_int8pack_mm, bf16 x
     int4pack   int 2-4 bit, groups of 32-256 (or per channel),    aten._weight_int4pack_mm_for_cpu, bf16 x;
                symmetric, int or float zero point, act-order      codes unpacked to 0..15 and re-packed
-    int8dyn    int8 symmetric per channel, int8_dynamic/static    per-token int8 x -> torch._int_mm (int32
-               activations                                        accumulate), rescale
+    int8dyn    int8 symmetric per channel, int8_dynamic/static    a real int8 x int8 GEMM: quantized::linear_dynamic
+               activations                                        (fbgemm/oneDNN) on rows scaled to [-1, 1] by their
+                                                                  own absmax (so activations are per token), rescaled
     bf16deq    fp8, nf4, anything else                            dequantize to bf16, bf16 F.linear
                (no fast kernel: the reference path in bf16)
 
@@ -21,6 +22,8 @@ the one warning). `pack` builds the kernel's tensors from a QTensor; `run` multi
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +88,32 @@ def pack(qt: QTensor, plan: KernelPlan) -> dict[str, torch.Tensor]:
     if plan.name == "int4pack":
         return _pack_int4(qt, plan.group)
     if plan.name == "int8dyn":
-        return {"w_t": t["qdata"].t(), "s": t["scale"].float().reshape(1, -1)}
+        rows = qt.shape[0]
+        scale = t["scale"].double().reshape(-1).expand(rows).contiguous()
+        with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; the GEMM is not
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(t["qdata"], scale, torch.zeros(rows, dtype=torch.long), 0)
+            return {"linear": torch.ops.quantized.linear_prepack(qw, None)}
     return {}
+
+
+def int8_codes(p: dict) -> torch.Tensor:
+    """The int8 weight codes back out of a prepacked int8dyn weight."""
+    return torch.ops.quantized.linear_unpack(p["linear"])[0].int_repr()
+
+
+def _has_vnni() -> bool:
+    """u8 x s8 products summed in pairs overflow int16 (vpmaddubsw) unless the CPU has VNNI, so without
+    it activations keep 7 bits (reduce_range), as PyTorch's own dynamic quantization does."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+REDUCE_RANGE = not _has_vnni()
 
 
 def _pack_int4(qt: QTensor, g: int) -> dict[str, torch.Tensor]:
@@ -118,7 +145,7 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
         out_features: int, activation: str = "none", input_scale: torch.Tensor | None = None) -> torch.Tensor:
     shape = x.shape[:-1]
     if plan.name == "int8dyn":
-        y = _int8_act(x.reshape(-1, x.shape[-1]), p, activation, input_scale)
+        y = _int8_gemm(x.reshape(-1, x.shape[-1]), p, activation, input_scale)
     else:
         xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if plan.name == "int8pack":
@@ -135,15 +162,15 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
     return y.reshape(*shape, out_features)
 
 
-def _int8_act(x2: torch.Tensor, p: dict[str, torch.Tensor], activation: str, input_scale) -> torch.Tensor:
+def _int8_gemm(x2: torch.Tensor, p: dict, activation: str, input_scale) -> torch.Tensor:
     x2 = x2.float()
-    if activation == "int8_static":
-        sx = input_scale.float().reshape(1, 1)
+    if activation == "int8_static":  # the calibrated range, clipped as the reference clips
+        amax = (127 * input_scale.float()).reshape(1, 1)
+        xn = (x2 / amax).clamp(-1, 1)
     else:
-        amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
-        sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
-    return torch._int_mm(xq, p["w_t"]).float() * sx * p["s"]
+        amax = x2.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        xn = x2 / amax
+    return torch.ops.quantized.linear_dynamic(xn, p["linear"], REDUCE_RANGE) * amax
 
 
 def int4_codes(p: dict[str, torch.Tensor], cols: int) -> torch.Tensor:

@@ -63,6 +63,8 @@ class QLinear(nn.Module):
 
     # -- the stored form ---------------------------------------------------------------------------
     def _stored(self, name: str) -> torch.Tensor:
+        if name == "qdata" and "qdata" not in self._buffers and self.plan.name == "int8dyn":
+            return kernels.int8_codes(self._packed)  # the prepacked GEMM weight holds the codes
         if name == "qdata" and "qdata" not in self._buffers:  # int4pack holds the codes packed its own way
             codes = kernels.int4_codes(self._packed, self.in_features)
             if self.spec.symmetric:
@@ -87,7 +89,10 @@ class QLinear(nn.Module):
     def memory_bytes(self) -> int:
         """Bytes this module holds in memory now (buffers, kernel tensors and bias; shared storage once)."""
         seen, total = set(), 0
-        for t in [*self._buffers.values(), *self._packed.values(), *([self.bias] if self.bias is not None else [])]:
+        if "linear" in self._packed:  # a prepacked int8 GEMM weight: its codes plus one scale per row
+            total += self.in_features * self.out_features + 8 * self.out_features
+        tensors = [t for t in self._packed.values() if isinstance(t, torch.Tensor)]
+        for t in [*self._buffers.values(), *tensors, *([self.bias] if self.bias is not None else [])]:
             if t is None or t.untyped_storage().data_ptr() in seen:
                 continue
             seen.add(t.untyped_storage().data_ptr())
@@ -102,7 +107,7 @@ class QLinear(nn.Module):
         """Pick and build this module's kernel ("auto": the fastest that holds the format; "reference")."""
         if kernel not in KERNEL_MODES:
             raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {kernel!r}")
-        if self.plan is not None and self.plan.name == "int4pack" and "qdata" not in self._buffers:
+        if self.plan is not None and "qdata" not in self._buffers and "qdata" in self._names:
             self.register_buffer("qdata", self._stored("qdata"))  # back to the stored form first
         self._packed = {}
         if kernel == "reference":
@@ -111,7 +116,7 @@ class QLinear(nn.Module):
         qt = self.qtensor()
         self.plan = kernels.plan_kernel(qt)
         self._packed = kernels.pack(qt, self.plan)
-        if self.plan.name == "int4pack":
+        if self.plan.name in ("int4pack", "int8dyn"):  # the kernel's copy replaces the stored codes in memory
             del self._buffers["qdata"]
         return self.plan
 
@@ -128,12 +133,21 @@ class QLinear(nn.Module):
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation != "none":
-            p = {"w_t": self.qdata.t(), "s": self.scale.float().reshape(1, -1)}
-            y = kernels._int8_act(x.reshape(-1, self.in_features), p, self.spec.activation, getattr(self, "input_scale", None))
+            y = self._int8_reference(x.reshape(-1, self.in_features).float())
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _int8_reference(self, x2: torch.Tensor) -> torch.Tensor:
+        """int8 activations (per token, or the calibrated static scale) x int8 weights, accumulated in int32."""
+        if self.spec.activation == "int8_static":
+            sx = self.input_scale.float().reshape(1, 1)
+        else:
+            amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
+            sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
+        return torch._int_mm(xq, self.qdata.t()).float() * sx * self.scale.float().reshape(1, -1)
 
     def extra_repr(self) -> str:
         kernel = "" if self.plan is None else f", kernel={self.plan.name}"

@@ -29,6 +29,14 @@ SPECS = {
 REL_TOL = 1e-2
 
 
+def _tol(kernel: str) -> float:
+    """int8dyn on a CPU without VNNI keeps 7-bit activations (u8 x s8 pair sums would overflow int16),
+    which about doubles the activation rounding error of the 8-bit reference: 3% there."""
+    from lowbit.model.kernels import REDUCE_RANGE
+
+    return 3e-2 if kernel == "int8dyn" and REDUCE_RANGE else REL_TOL
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -49,7 +57,7 @@ def test_fast_kernel_matches_reference(label):
         y = m(x)
     assert plan.name == kernel and plan.fast == (kernel != "bf16deq")
     assert y.dtype == x.dtype and y.shape == ref.shape
-    assert _rel(y, ref) < REL_TOL
+    assert _rel(y, ref) < _tol(kernel)
     # the stored form survives the kernel's repacking bit for bit (int4pack drops qdata in memory)
     assert all(torch.equal(stored[k], v) for k, v in m.state_dict().items()) and set(stored) == set(m.state_dict())
 
@@ -103,7 +111,7 @@ def test_whole_model_fast_logits_close_to_reference_and_artifact_unchanged(tiny_
         plans = prepare_model(model, "auto")
         fast = model(ids).logits
     assert all(p.fast for p in plans.values())
-    assert _rel(fast, ref) < 2 * REL_TOL
+    assert _rel(fast, ref) < 2 * _tol("int8dyn" if preset == "w8a8-dynamic" else "")
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     out = lowbit.save(model, tmp_path / "a")  # saving a model on fast kernels stores the same artifact
     back = load_artifact(out).model
