@@ -16,9 +16,10 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
 
-# Every benchmark that writes docs/BENCHMARKS.md (about 40 minutes on 2 cores).
+# Every benchmark that writes docs/BENCHMARKS.md (about an hour on 2 cores).
 bench: setup
 	.venv/bin/python benchmarks/presets.py
 	.venv/bin/python benchmarks/load_memory.py
 	.venv/bin/python benchmarks/gate.py
-	.venv/bin/python benchmarks/bench_reference.py
+	.venv/bin/python benchmarks/decode_speed.py --kv
+	.venv/bin/python benchmarks/decode_speed.py --model gemma3-270m

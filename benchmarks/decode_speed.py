@@ -47,6 +47,20 @@ LOWBIT_ROWS = ("fp32", "bf16", "int8", "w4-g128", "w8a8-dynamic")
 LLAMA_ROWS = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
 
 
+def cpu_name() -> str:
+    """CPU model and the vector level torch dispatches to (the kernels' speed depends on both)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    from lowbit.model.kernels import REDUCE_RANGE
+
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, " + \
+        ("no VNNI (int8dyn keeps 7-bit activations)" if REDUCE_RANGE else "VNNI")
+
+
 def read_bandwidth() -> float:
     """GB/s of torch.sum over 1 GiB of fp32 (median of 5)."""
     x = torch.ones(256 * 1024 * 1024)
@@ -227,7 +241,7 @@ def main() -> None:
                          f"{best[mine] / med[('llama.cpp', theirs, 1)][1]:.0%} of llama.cpp {theirs} (goal >= 60%)")
     body = [f"## Decode and prefill speed ({args.model})", "",
             f"Written by `benchmarks/decode_speed.py --model {args.model}` on {time.strftime('%Y-%m-%d')} "
-            f"({platform.machine()}, 2 threads, torch {torch.__version__}): prompt {P} tokens of Wikipedia, "
+            f"({cpu_name()}; 2 threads, torch {torch.__version__}): prompt {P} tokens of Wikipedia, "
             f"{N} greedy new tokens, median of {args.rounds} rounds, every row once per round in rotated order. "
             f"Ratios are to lowbit FP32 at the same batch size, from the same run. Read bandwidth of this machine, "
             f"measured in the run: {bw:.1f} GB/s before, {bw_after:.1f} GB/s after (torch.sum over 1 GiB).", "",
