@@ -115,7 +115,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy decoding."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template, if it has one."),
-    kv_cache: str = typer.Option("none", "--kv-cache", help="KV-cache format: none, int8 or fp8 (one scale per token and head)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache format: none, int8 or fp8 (one scale per token and head); default: the artifact recipe's kv_cache."),
     engine: str = typer.Option("auto", "--engine", help="Decode loop: auto (lean where the architecture allows), lean, hf."),
 ) -> None:
     """Generate text from a model, streaming tokens as they come. Quantized modules run on the fastest
@@ -137,6 +137,9 @@ def generate(
     from lowbit.model.qlinear import QLinear, kernel_summary
 
     used = pick_engine(m, engine)
+    from lowbit.runtime.kvcache import kv_of
+
+    kv_cache = kv_cache or kv_of(m)
     kernels_used = kernel_summary({n: q.plan for n, q in m.named_modules() if isinstance(q, QLinear) and q.plan})
     ktext = ", ".join(f"{k} x{v}" for k, v in kernels_used.items()) or "float"
     err.print(f"[dim]model in memory: {_human(weight_bytes(m))}; kernels: {ktext}; engine: {used}; kv-cache: {kv_cache}[/]")
@@ -279,7 +282,7 @@ def eval_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=16, help="Tokens per sample (256; quick 128)."),
     context: Optional[int] = typer.Option(None, "--context", min=128, help="Long-context length (2048; quick 512)."),
     worst: int = typer.Option(5, "--worst", min=1, help="Worst samples to list."),
-    kv_cache: str = typer.Option("none", "--kv-cache", help="Run the candidate with an int8 or fp8 KV cache (none, int8, fp8)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Run the candidate with this KV cache (none, int8, fp8); default: its recipe's."),
     report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
 ) -> None:
@@ -308,7 +311,7 @@ def gate(
     baseline: str = typer.Argument(..., help="The reference model."),
     candidate: str = typer.Argument(..., help="The model to judge."),
     quick: bool = typer.Option(False, "--quick", help="Small samples (for CI): about a minute on the bundled model."),
-    kv_cache: str = typer.Option("none", "--kv-cache", help="Run the candidate with an int8 or fp8 KV cache (none, int8, fp8)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Run the candidate with this KV cache (none, int8, fp8); default: its recipe's."),
     report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
 ) -> None:

@@ -12,6 +12,7 @@ A recipe is data (YAML or JSON), never code:
       - {match: "*.down_proj", scheme: {kind: int, bits: 8, granularity: channel}}
     group_fallback: shrink           # rows the group size does not divide: "error" or "shrink"
     keep_dtype: float16              # storage dtype of everything not quantized (embeddings, norms, head)
+    kv_cache: none                   # KV-cache format the artifact runs with: none, int8, fp8
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ RECIPE_VERSION = 1
 ALGORITHMS = ("rtn",)
 GROUP_FALLBACKS = ("error", "shrink")
 KEEP_DTYPES = ("float16", "bfloat16", "float32")
+KV_CACHES = ("none", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     group_fallback: str = "error"
     keep_dtype: str = "float16"
+    kv_cache: str = "none"
     description: str = ""
     version: int = RECIPE_VERSION
 
@@ -62,6 +65,8 @@ class Recipe:
             raise LowbitError(f"recipe field 'group_fallback': '{self.group_fallback}' is unknown; use 'error' or 'shrink'")
         if self.keep_dtype not in KEEP_DTYPES:
             raise LowbitError(f"recipe field 'keep_dtype': '{self.keep_dtype}' is unknown; use one of {', '.join(KEEP_DTYPES)}")
+        if self.kv_cache not in KV_CACHES:
+            raise LowbitError(f"recipe field 'kv_cache': '{self.kv_cache}' is unknown; use one of {', '.join(KV_CACHES)}")
         for pat in (*self.targets, *self.ignore, *(o.match for o in self.overrides)):
             _check_pattern(pat)
 
@@ -90,6 +95,7 @@ class Recipe:
             "overrides": [{"match": o.match, "scheme": None if o.scheme is None else o.scheme.to_dict()} for o in self.overrides],
             "group_fallback": self.group_fallback,
             "keep_dtype": self.keep_dtype,
+            "kv_cache": self.kv_cache,
         }
 
     @classmethod
@@ -97,14 +103,14 @@ class Recipe:
         if not isinstance(data, dict):
             raise LowbitError(f"{source}: a recipe is a mapping with at least a 'scheme' field, got {type(data).__name__}")
         known = {"version", "name", "description", "scheme", "algorithm", "targets", "ignore", "overrides",
-                 "group_fallback", "keep_dtype"}
+                 "group_fallback", "keep_dtype", "kv_cache"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise LowbitError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
         if "scheme" not in data:
             raise LowbitError(f"{source}: field 'scheme' is missing; add e.g. scheme: {{kind: int, bits: 4, granularity: group, group_size: 128}}")
         kw: dict[str, Any] = {"scheme": QuantSpec.from_dict(data["scheme"], f"{source}: field 'scheme'")}
-        for key in ("version", "name", "description", "algorithm", "group_fallback", "keep_dtype"):
+        for key in ("version", "name", "description", "algorithm", "group_fallback", "keep_dtype", "kv_cache"):
             if key in data:
                 kw[key] = data[key]
         for key in ("targets", "ignore"):

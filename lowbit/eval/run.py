@@ -30,7 +30,7 @@ class EvalOptions:
     context: int | None = None
     worst: int = 5
     json_n: int | None = None
-    kv_cache: str = "none"  # the candidate's KV-cache format (none, int8, fp8)
+    kv_cache: str | None = None  # the candidate's KV-cache format (none, int8, fp8); None: its recipe's
 
     @property
     def n_samples(self) -> int:
@@ -69,13 +69,14 @@ def load_pair(baseline: str, candidate: str, say: Say) -> tuple[Loaded, Loaded]:
 
 
 def evaluate(base: Loaded, cand: Loaded, opts: EvalOptions, say: Say = lambda s: None) -> dict:
-    from lowbit.runtime.kvcache import attach
+    from lowbit.runtime.kvcache import attach, kv_of
 
-    attach(cand.model, opts.kv_cache)  # before anything runs: every pass of the candidate reads this cache
+    if opts.kv_cache is not None:  # before anything runs: every pass of the candidate reads this cache
+        attach(cand.model, opts.kv_cache)
     t0 = time.perf_counter()
     run: dict = {"kind": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "lowbit_version": __version__, "quick": opts.quick,
-                 "baseline": identity(base), "candidate": {**identity(cand), "kv_cache": opts.kv_cache}, "suites": []}
+                 "baseline": identity(base), "candidate": {**identity(cand), "kv_cache": kv_of(cand.model)}, "suites": []}
     texts = [(title, body) for title, body in wikipedia_articles()]
     samples = divergence.make_samples(base.tokenizer, texts, opts.n_seq, opts.n_samples)
     say(f"divergence: {len(samples)} Wikipedia samples x {opts.n_seq} tokens")

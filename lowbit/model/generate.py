@@ -69,12 +69,13 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                  chat: bool = True, on_text: Callable[[str], None] | None = None, kv_cache: str = "none",
+                  chat: bool = True, on_text: Callable[[str], None] | None = None, kv_cache: str | None = None,
                   engine: str = "auto") -> int:
-    """Generate and stream; returns the number of new tokens."""
-    from lowbit.runtime.kvcache import QuantizedKVCache, check_kind
+    """Generate and stream; returns the number of new tokens. kv_cache None: the model's own
+    (its recipe's kv_cache, or what kvcache.attach set), else none / int8 / fp8."""
+    from lowbit.runtime.kvcache import QuantizedKVCache, check_kind, kv_of
 
-    check_kind(kv_cache, "--kv-cache")
+    kv_cache = check_kind(kv_of(model) if kv_cache is None else kv_cache, "--kv-cache")
     inputs = encode_prompt(tokenizer, prompt, chat)
     if pick_engine(model, engine) == "lean":
         from lowbit.runtime.decode import lean_generate

@@ -183,6 +183,10 @@ def load_artifact(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
     model.lowbit_plan = plans
     model.lowbit_recipe = Recipe.from_dict(meta["recipe"], f"artifact file {meta_path}: field 'recipe'")
     prepare_model(model)
+    if model.lowbit_recipe.kv_cache != "none":  # the recipe chose the KV-cache format this artifact runs with
+        from lowbit.runtime.kvcache import attach
+
+        attach(model, model.lowbit_recipe.kv_cache)
     if (folder / IMATRIX_FILE).is_file():
         from safetensors.torch import load_file
 

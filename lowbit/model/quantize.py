@@ -119,6 +119,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, progress: Progress | None =
             config.tie_word_embeddings = False
     round_kept(model, recipe.keep_dtype)
     prepare_model(model)
+    if recipe.kv_cache != "none":
+        from lowbit.runtime.kvcache import attach
+
+        attach(model, recipe.kv_cache)
     model.lowbit_plan = plans
     model.lowbit_recipe = recipe
     return plans

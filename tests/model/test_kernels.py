@@ -239,3 +239,25 @@ def test_quantized_gemma3_embedding_reads_head_rows(tmp_path):
         got = model.get_input_embeddings()(ids)
     assert isinstance(model.get_input_embeddings(), QEmbedding)
     assert _rel(got, want) < 0.01 and got.dtype == want.dtype
+
+
+def test_recipe_kv_cache_travels_with_the_artifact(tiny_dir, tmp_path, ids):
+    from lowbit.recipe import PRESETS, Recipe
+    from lowbit.runtime.kvcache import kv_of
+
+    recipe = Recipe.from_dict({**PRESETS["int8"].to_dict(), "name": "int8-kv8", "kv_cache": "int8"})
+    model = load_model(tiny_dir).model
+    lowbit.quantize(model, recipe)
+    assert kv_of(model) == "int8"
+    out = lowbit.save(model, tmp_path / "a")
+    back = load_artifact(out).model
+    assert kv_of(back) == "int8"
+    with torch.no_grad():  # the attached cache is used by whole-sequence forwards, and differs from float K/V
+        with_kv = back(ids).logits
+        from lowbit.runtime.kvcache import attach
+
+        attach(back, "none")
+        plain = back(ids).logits
+    assert 0 < _rel(with_kv, plain) < 0.05
+    with pytest.raises(Exception, match="kv_cache"):
+        Recipe.from_dict({**PRESETS["int8"].to_dict(), "kv_cache": "int4"})
