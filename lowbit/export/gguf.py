@@ -283,7 +283,7 @@ def source_gguf(source: dict | None) -> Path | None:
     return None
 
 
-def _tokenizer_kvs(writer, gguf_src: Path | None, folder: Path | None, notes: list[str]) -> None:
+def _tokenizer_kvs(writer, gguf_src: Path | None, folder: Path | None, n_vocab: int, notes: list[str]) -> None:
     import gguf
 
     if gguf_src is not None:
@@ -304,6 +304,9 @@ def _tokenizer_kvs(writer, gguf_src: Path | None, folder: Path | None, notes: li
     for text, _score, ttype in vocab.all_tokens():
         tokens.append(text)
         types.append(ttype)
+    for i in range(len(tokens), n_vocab):  # embedding rows beyond the tokenizer (padding), as llama.cpp's converter does
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -363,7 +366,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
     try:
         writer.add_name(name or (source or {}).get("name", "lowbit export"))
         _hparams(writer, config, int(file_type))
-        _tokenizer_kvs(writer, source_gguf(source), folder, notes)
+        _tokenizer_kvs(writer, source_gguf(source), folder, config.vocab_size, notes)
         requant_from: dict[str, list[str]] = {}
         for i, (hf_name, g_name, t, (how, what)) in enumerate(plan):
             if progress:
