@@ -13,6 +13,7 @@ Tensor types, per quantized linear weight:
                        Python writer can produce: they are refused with the nearest types listed.
     --type F32|F16|BF16|Q8_0|Q5_0|Q5_1|Q4_0|Q4_1
                        every quantized linear requantized to that type from its dequantized weight
+                       (a float model with no quantized module: every linear weight but a tied head)
                        (Q8_0/Q4_0/Q4_1 by lowbit's ggml-exact quantizer, byte-identical to gguf-py's;
                        Q5_0/Q5_1/BF16 by gguf-py's quants module).
     --type Q4_K_M|Q4_K_S|Q5_K_M|Q5_K_S|Q6_K|Q3_K_M|Q2_K|IQ4_NL
@@ -345,6 +346,8 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
     notes: list[str] = []
     # plan every tensor first: a scheme GGUF cannot hold fails before anything is written
     plan = []
+    float_model = not any(isinstance(m, QLinear) for m in model.modules())
+    linear_weights = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for hf_name, t in _weights(model):
         g_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if g_name is None:
@@ -354,6 +357,8 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
             if gguf_type == "auto":
                 ex = exact_blocks(t)
                 kind = ("exact", ex) if ex is not None else ("requant", nearest_type(t.spec, hf_name.rpartition(".")[0]))
+        elif float_model and gguf_type != "auto" and hf_name in linear_weights:
+            kind = ("float", gguf_type)  # a float model: every linear weight to the requested type
         else:
             kind = ("float", "F32" if t.ndim == 1 or gguf_type == "F32" else "F16")
         plan.append((hf_name, g_name, t, kind))

@@ -114,6 +114,33 @@ def llama_quantized(model: str = "smollm2-135m", gguf_type: str = "Q4_K_M",
     return path
 
 
+@torch.no_grad()
+def importance_matrix(model, token_windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean x**2 per input channel of every linear layer over the given token windows (module name ->
+    float32 [in_features]): the statistic llama.cpp's imatrix holds and lowbit artifacts store."""
+    from torch import nn
+
+    from lowbit.model.qlinear import QLinear
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, QLinear)):
+            def hook(m, args, _name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[_name] = sums.get(_name, 0) + (x * x).sum(0)
+                counts[_name] = counts.get(_name, 0) + x.shape[0]
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        for ids in token_windows:
+            model(ids.reshape(1, -1))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in sums}
+
+
 class LlamaCppLM:
     """llama.cpp logits for token ids, callable like a transformers causal LM on a batch of one."""
 
