@@ -55,11 +55,11 @@ class CTExport:
 
 
 def _ct():
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
         raise LowbitError("compressed-tensors export: the compressed-tensors package is not installed; "
-                          "fix: pip install compressed-tensors==0.20.0") from None
+                          "fix: pip install compressed-tensors==0.20.0")
 
 
 def _strategy(spec) -> dict:

@@ -7,15 +7,13 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("compressed_tensors")
-
-from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.export.compressed import write_compressed  # noqa: E402
-from lowbit.formats import QuantSpec  # noqa: E402
-from lowbit.model.load import load_model  # noqa: E402
-from lowbit.model.quantize import quantize_model  # noqa: E402
-from lowbit.recipe import Recipe  # noqa: E402
-from tests.conftest import make_tiny_llama, make_tokenizer  # noqa: E402
+from lowbit.errors import LowbitError
+from lowbit.export.compressed import write_compressed
+from lowbit.formats import QuantSpec
+from lowbit.model.load import load_model
+from lowbit.model.quantize import quantize_model
+from lowbit.recipe import Recipe
+from tests.conftest import make_tiny_llama, make_tokenizer
 
 W4_SYM = QuantSpec(kind="int", bits=4, granularity="group", group_size=32, scale_dtype="float16")
 W4_ASYM = QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False, scale_dtype="float16")
