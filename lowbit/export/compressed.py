@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -127,7 +126,7 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.lifecycle import initialize_module_for_quantization
 
-    from lowbit.export.native import prepare_out_dir
+    from lowbit.export.native import move_into_place, prepare_out_dir
     from lowbit.formats.affine import torch_dtype
     from lowbit.model.qlinear import QLinear
     from lowbit.model.quantize import set_submodule
@@ -197,13 +196,7 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
         cfg = json.loads(cfg_path.read_text())
         cfg["dtype"] = str(keep).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        if out.exists():  # --force: swap only once the new folder is complete
-            old = out.resolve().parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
