@@ -352,11 +352,12 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
         g_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if g_name is None:
             raise LowbitError(f"GGUF export: tensor {hf_name} has no llama.cpp name; this model layout is not supported")
-        if isinstance(t, QLinear) and gguf_type != "auto":
-            kind = ("requant", gguf_type)
-        elif isinstance(t, QLinear):
+        if isinstance(t, QLinear):
             ex = exact_blocks(t)
-            kind = ("exact", ex) if ex is not None else ("requant", nearest_type(t.spec, hf_name.rpartition(".")[0]))
+            if ex is not None and gguf_type in ("auto", ex[0]):
+                kind = ("exact", ex)
+            else:
+                kind = ("requant", gguf_type if gguf_type != "auto" else nearest_type(t.spec, hf_name.rpartition(".")[0]))
         elif float_model and gguf_type != "auto" and hf_name in linear_weights:
             kind = ("float", gguf_type)  # a float model: every linear weight to the requested type
         else:
