@@ -434,7 +434,8 @@ def _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progres
     f32 = out.resolve().parent / f".{out.name}.f32-{uuid.uuid4().hex[:8]}.gguf"
     try:
         base = write_gguf(model, f32, "F32", source, folder, None, name, progress)
-        imx = imatrix_by_gguf_name(imatrix, model.config.num_hidden_layers)
+        imx = {k: v for k, v in imatrix_by_gguf_name(imatrix, model.config.num_hidden_layers).items()
+               if k in base.tensor_types}  # e.g. no output.weight when the head is tied
         types = llamacpp.quantize(f32, out, gguf_type, imatrix=imx or None)
     finally:
         if f32.exists():
