@@ -16,6 +16,7 @@ LowbitError with the install command.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -66,12 +67,16 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, imatrix: dict[str
             entries[i].size = buf.size
         keep.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this logger's level
+    level = log.level
+    log.setLevel(logging.ERROR)  # its per-tensor progress lines are noise here; errors still print
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
-            raise LowbitError(f"llama.cpp quantize: {src} -> {gguf_type} failed (code {rc}); see llama.cpp's log above")
+            raise LowbitError(f"llama.cpp quantize: {src} -> {gguf_type} failed (code {rc}); see llama.cpp's error above")
         os.replace(tmp, dst)
     finally:
+        log.setLevel(level)
         if tmp.exists():
             tmp.unlink()
     return tensor_types(dst)
