@@ -179,8 +179,10 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
     compressor.compress_model(model)
     with torch.no_grad():  # kept tensors in keep_dtype (as the artifact stores them); packed ints untouched
         for mod_name, mod in model.named_modules():
+            if hasattr(mod, "quantization_scheme"):
+                continue  # packed/int8/fp8 weights and scales stay as the compressor wrote them
             for pname, p in list(mod.named_parameters(recurse=False)):
-                if p.is_floating_point() and not pname.endswith("_scale") and p.dtype != keep:
+                if p.is_floating_point() and p.dtype != keep:
                     p.data = p.data.to(keep)
     for n, _ in qmods:
         res.formats[n] = str(getattr(model.get_submodule(n).quantization_scheme, "format", "") or "")

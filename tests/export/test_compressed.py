@@ -58,6 +58,12 @@ def test_transformers_loads_export_with_lowbit_logits(tmp_path, ids, spec, fmt, 
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
     diff = (_logits(hf, ids) - ref).abs().max().item()
     assert diff <= tol
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:  # stored in the format's dtype
+        key = "model.layers.0.mlp.up_proj." + ("weight" if fmt != "pack-quantized" else "weight_packed")
+        assert f.get_tensor(key).dtype == {"pack-quantized": torch.int32, "int-quantized": torch.int8,
+                                           "float-quantized": torch.float8_e4m3fn}[fmt]
     if tol == 0.0:  # weight-only: the stored grid is lowbit's exactly
         q = hf.model.layers[1].mlp.down_proj.weight
         assert torch.equal(q.float(), model.model.layers[1].mlp.down_proj.dequantized_weight())
