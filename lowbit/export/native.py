@@ -47,6 +47,17 @@ def prepare_out_dir(out: Path, force: bool) -> None:
         raise LowbitError(f"output folder {out}: {existing} is not a writable folder; fix: choose another --out")
 
 
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary folder to out; an existing out (--force) is swapped out only now."""
+    if out.exists():
+        old = out.resolve().parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def artifact_state(model: torch.nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
     """Tensors to store: QLinear buffers as they are, other floats in keep_dtype, tied copies once."""
     dt = torch_dtype(keep_dtype)
@@ -102,13 +113,7 @@ def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: di
         if calibration:
             meta["calibration"] = calibration
         (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
-        if out.exists():  # --force: swap the old one out only once the new one is complete
-            old = out.resolve().parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -73,6 +73,10 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, pro
     src = sources.resolve(name_or_path)
     if src.kind == "lowbit":
         return load_artifact(src.path)
+    if src.kind == "compressed-tensors":  # decompressed to float for evaluation
+        from lowbit.export.compressed import load_compressed
+
+        return load_compressed(src.path, dtype)
     folder, digest = float_folder(src, progress)
     from transformers import AutoModelForCausalLM
 
@@ -91,8 +95,9 @@ def float_folder(src: sources.ModelSource, progress=None) -> tuple[Path, str]:
     """The safetensors folder of a float source and the sha256 identifying its weights."""
     if src.kind in ("gguf", "bundled"):
         return sources.converted_folder(src, progress)
-    if src.kind == "lowbit":
-        raise LowbitError(f"model folder {src.path}: is already a lowbit artifact; pass the original float model instead")
+    if src.kind in ("lowbit", "compressed-tensors"):
+        raise LowbitError(f"model folder {src.path}: is already a quantized {src.kind} checkpoint; "
+                          f"pass the original float model instead")
     files = sources.check_hf_folder(src.path)
     marker = src.path / "lowbit-source.json"
     if marker.is_file():  # one of our cached GGUF conversions: its identity is the GGUF's hash

@@ -50,7 +50,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "bundled" | "gguf" | "hf" | "lowbit"
+    kind: str  # "bundled" | "gguf" | "hf" | "lowbit" | "compressed-tensors"
     path: Path  # the GGUF file, or the folder
     name: str
 
@@ -100,13 +100,23 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     if (p / ARTIFACT_FILE).is_file():
         return ModelSource("lowbit", p, p.name)
     if (p / "config.json").is_file():
-        return ModelSource("hf", p, p.name)
+        return ModelSource("compressed-tensors" if is_compressed_tensors(p) else "hf", p, p.name)
     ggufs = sorted(p.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSource("gguf", ggufs[0], ggufs[0].name)
     raise LowbitError(
         f"model folder {p}: holds neither config.json (a Hugging Face model), {ARTIFACT_FILE} (a lowbit artifact) "
         f"nor a single .gguf file; fix: point at the folder that holds the model files")
+
+
+def is_compressed_tensors(folder: Path) -> bool:
+    """A Hugging Face folder whose config.json says quant_method: compressed-tensors (llm-compressor, lowbit export)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def sha256_files(paths: list[Path]) -> str:

@@ -1,0 +1,275 @@
+"""compressed-tensors export: a lowbit model to the checkpoint folder transformers and vLLM load
+(`quantization_config.quant_method: compressed-tensors`), written by the compressed-tensors library.
+
+Each QLinear becomes an nn.Linear carrying a compressed-tensors QuantizationScheme whose qparams
+(weight_scale, weight_zero_point, input_scale) are lowbit's own; the library's ModelCompressor then
+packs the weights and writes the config, exactly as llm-compressor does when it saves. Mapping:
+
+    lowbit scheme                                 compressed-tensors                       format
+    int 2-8 bit weight-only, sym or int-zero asym  W{b}A16 int, group/channel/tensor        pack-quantized
+    int8 sym + int8_dynamic activations            W8A8 int8, per-token dynamic input       int-quantized
+    int8 sym + int8_static activations             W8A8 int8, static per-tensor input_scale int-quantized
+    fp8_e4m3 (channel/tensor/group)                FP8 weights                              float-quantized
+
+Exact: the packed codes, scales and zero points are lowbit's (compressed-tensors' zero points are
+signed, z_ct = z - 2**(b-1), the same integer grid). Not exact, requantized round-to-nearest from
+lowbit's dequantized weight with the same bits/group and an integer zero point, with a note:
+the float zero domain (asym-f, GGUF Q4_1 style; compressed-tensors' int formats store integer zero
+points) and act-order column permutations (perm). Refused with the nearest choices: NF4 and FP8 E5M2.
+Static INT8 activations clamp to [-128, 127] in compressed-tensors and [-127, 127] in lowbit.
+
+Kept tensors (embeddings, norms, an ignored lm_head) are stored in the recipe's keep_dtype, and
+config.json's dtype says so; scales keep lowbit's storage dtype. The folder is written under a
+temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats import affine
+from lowbit.formats.qtensor import zero_of
+
+
+@dataclass
+class CTExport:
+    path: Path
+    formats: dict[str, str]  # module -> compressed-tensors format
+    notes: list[str] = field(default_factory=list)
+    exact: int = 0
+    requantized: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def _ct():
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise LowbitError("compressed-tensors export: the compressed-tensors package is not installed; "
+                          "fix: pip install compressed-tensors==0.20.0")
+
+
+def _strategy(spec) -> dict:
+    if spec.granularity == "group":
+        return {"strategy": "group", "group_size": spec.group_size}
+    return {"strategy": spec.granularity}
+
+
+FORMATS = {"pack": "pack-quantized", "int": "int-quantized", "float": "float-quantized"}
+
+
+def scheme_for(spec, modules: list[str]):
+    """The compressed-tensors QuantizationScheme (with its format) of a lowbit spec, targeting `modules`."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    where = f"module {modules[0]}" + (f" (and {len(modules) - 1} more)" if len(modules) > 1 else "")
+    if spec.kind == "nf4":
+        raise LowbitError(
+            f"{where}: scheme '{spec.label}' (NF4) has no compressed-tensors equivalent; fix: re-quantize with the "
+            f"nearest supported scheme, int4 group (W4A16: kind int, bits 4, granularity group, group_size 64 or 128), "
+            f"or export NF4 to lowbit's native format")
+    if spec.kind == "fp8_e5m2":
+        raise LowbitError(
+            f"{where}: scheme '{spec.label}' (FP8 E5M2) has no compressed-tensors equivalent (it holds E4M3); "
+            f"fix: re-quantize with kind fp8_e4m3 (nearest) or int8")
+    if spec.kind == "fp8_e4m3":
+        weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, **_strategy(spec))
+        return QuantizationScheme(targets=list(modules), weights=weights, format=FORMATS["float"])
+    weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, **_strategy(spec))
+    acts = None
+    if spec.activation == "int8_dynamic":
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    elif spec.activation == "int8_static":
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
+    fmt = FORMATS["int"] if acts is not None else FORMATS["pack"]
+    return QuantizationScheme(targets=list(modules), weights=weights, input_activations=acts, format=fmt)
+
+
+def _qparams(qlin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """(float weight, scale, compressed-tensors zero point or None, note) on lowbit's grid."""
+    from dataclasses import replace
+
+    spec, qt = qlin.spec, qlin.qtensor()
+    t = qt.tensors
+    w = qlin.dequantized_weight(torch.float32)
+    if spec.kind != "int":
+        return w, t["scale"], None, ""
+    exact = "perm" not in t and not (not spec.symmetric and spec.zero_domain == "float")
+    if not exact:
+        why = "act-order permutation" if "perm" in t else "float zero point (asym-f)"
+        int_spec = replace(spec, zero_domain="int")
+        scale, zero = affine.choose_qparams(w, int_spec)
+        w = affine.dequantize(affine.quantize(w, scale, zero, int_spec), scale, zero, int_spec)
+        zp = None if zero is None else zero.to(torch.int16) - 2 ** (spec.bits - 1)
+        return w, scale, (None if zp is None else zp.to(torch.int8)), why
+    zero = zero_of(t)
+    zp = None if zero is None else (zero.to(torch.int16) - 2 ** (spec.bits - 1)).to(torch.int8)
+    return w, t["scale"], zp, ""
+
+
+def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool = False, progress=None) -> CTExport:
+    """Write model (a lowbit-quantized model) as a compressed-tensors checkpoint folder."""
+    _ct()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle import initialize_module_for_quantization
+
+    from lowbit.export.native import move_into_place, prepare_out_dir
+    from lowbit.formats.affine import torch_dtype
+    from lowbit.model.qlinear import QLinear
+    from lowbit.model.quantize import set_submodule
+
+    out = Path(out)
+    recipe = getattr(model, "lowbit_recipe", None)
+    qmods = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
+    if not qmods:
+        raise LowbitError("compressed-tensors export: the model has no lowbit-quantized linear module; "
+                          "fix: pass a lowbit artifact (lowbit quantize ... --out DIR)")
+    by_spec: dict = {}
+    for n, m in qmods:
+        by_spec.setdefault(m.spec, []).append(n)
+    schemes = {}
+    for spec, names in by_spec.items():  # refusals before anything is built
+        sch = scheme_for(spec, names)
+        schemes.update({n: sch for n in names})
+    prepare_out_dir(out, force)
+    model = copy.deepcopy(model)  # modules are swapped and compressed in place; the caller's model stays as it is
+    keep = torch_dtype(recipe.keep_dtype if recipe else "float16")
+    res = CTExport(out, {})
+    requant: dict[str, list[str]] = {}
+    for i, (name, q) in enumerate(qmods):
+        if progress:
+            progress(name, i, len(qmods))
+        w, scale, zp, why = _qparams(q)
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if q.bias is not None:
+                lin.bias.copy_(q.bias.float())
+        initialize_module_for_quantization(lin, schemes[name], force_zero_point=False)
+        with torch.no_grad():
+            lin.weight_scale.data = scale.reshape(lin.weight_scale.shape).clone()
+            if zp is not None:
+                lin.weight_zero_point.data = zp.reshape(lin.weight_zero_point.shape).to(lin.weight_zero_point.dtype)
+            if q.spec.activation == "int8_static":
+                lin.input_scale.data = q.input_scale.float().reshape(lin.input_scale.shape)
+        lin.quantization_status = QuantizationStatus.FROZEN
+        set_submodule(model, name, lin)
+        if why:
+            requant.setdefault(f"{q.spec.label} ({why})", []).append(name)
+            res.requantized += 1
+        else:
+            res.exact += 1
+    for what, mods in requant.items():
+        res.notes.append(f"requantized to an integer zero point, same bits and groups: {what}, {len(mods)} module(s), "
+                         f"e.g. {mods[0]}")
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    with torch.no_grad():  # kept tensors in keep_dtype (as the artifact stores them); packed ints untouched
+        for mod_name, mod in model.named_modules():
+            if hasattr(mod, "quantization_scheme"):
+                continue  # packed/int8/fp8 weights and scales stay as the compressor wrote them
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                if p.is_floating_point() and p.dtype != keep:
+                    p.data = p.data.to(keep)
+    for n, _ in qmods:
+        res.formats[n] = str(getattr(model.get_submodule(n).quantization_scheme, "format", "") or "")
+    tmp = out.resolve().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        config = model.config
+        config.dtype = keep
+        model.save_pretrained(str(tmp))
+        compressor.update_config(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = str(keep).removeprefix("torch.")
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        move_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+# -- import ---------------------------------------------------------------------------------------
+def _matches(target: str, name: str, module: nn.Module) -> bool:
+    import re
+
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == type(module).__name__
+
+
+def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A compressed-tensors checkpoint as a float model (each quantized weight decompressed by the
+    compressed-tensors library), for lowbit's evaluation harness. Works for asymmetric
+    pack-quantized checkpoints too, which transformers 5.24 with compressed-tensors 0.20 cannot load."""
+    _ct()
+    from accelerate import init_empty_weights
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.model import sources
+    from lowbit.model.load import Loaded, _finish, _set_tensor, load_tokenizer
+
+    folder = Path(folder)
+    files = sources.check_hf_folder(folder)
+    cfg_file = folder / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        qconfig = QuantizationConfig.model_validate(config.quantization_config)
+    except Exception as e:
+        raise LowbitError(f"config file {cfg_file}: field 'quantization_config' is not a valid compressed-tensors config "
+                          f"({type(e).__name__}: {e}); fix: re-export the checkpoint") from None
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    targets = [(t, sch) for sch in qconfig.config_groups.values() for t in sch.targets]
+    plan = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or any(_matches(i, name, mod) for i in qconfig.ignore or []):
+            continue
+        hit = next((sch for t, sch in targets if _matches(t, name, mod)), None)
+        if hit is not None and hit.weights is not None:
+            plan[name] = hit
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                owner, _, attr = key.rpartition(".")
+                t = f.get_tensor(key)
+                if owner in plan and attr != "bias":  # scales in float32: decompression computes in their dtype
+                    tensors.setdefault(owner, {})[attr] = t.float() if attr.endswith("_scale") else t
+                else:
+                    _set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
+    for name, sch in plan.items():
+        sd = tensors.get(name)
+        if not sd:
+            raise LowbitError(f"weights in {folder}: the quantized tensors of module {name} are missing; "
+                              f"the checkpoint is incomplete; fix: export it again")
+        fmt = getattr(sch.format or qconfig.format, "value", sch.format or qconfig.format)
+        try:
+            w = BaseCompressor.get_value_from_registry(str(fmt)).decompress(sd, sch)["weight"]
+        except Exception as e:
+            raise LowbitError(f"weights in {folder}: module {name} could not be decompressed as '{fmt}' "
+                              f"({type(e).__name__}: {e}); the checkpoint is damaged or of an unsupported format") from None
+        _set_tensor(model, name + ".weight", w.to(dtype))
+    source = {"name": folder.name, "kind": "compressed-tensors", "path": str(folder), "sha256": sources.sha256_memo(files)}
+    return Loaded(_finish(model, folder), load_tokenizer(folder), source, folder)
