@@ -147,6 +147,20 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
     prepare_out_dir(out, force)
     model = copy.deepcopy(model)  # modules are swapped and compressed in place; the caller's model stays as it is
     keep = torch_dtype(recipe.keep_dtype if recipe else "float16")
+    from lowbit.model.qlinear import QEmbedding
+
+    emb = model.get_input_embeddings()
+    if isinstance(emb, QEmbedding):
+        # compressed-tensors has no quantized embedding: write the table as the head's rows, dequantized
+        # (exact values, in keep_dtype), beside the quantized head
+        table = nn.Embedding(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx)
+        table.weight = nn.Parameter(emb.head.dequantized_weight(keep), requires_grad=False)
+        if emb.embed_scale is not None:  # Gemma-style scaled embedding: keep the module type transformers builds
+            table = None
+        if table is None:
+            raise LowbitError("compressed-tensors export: this model's scaled embedding reads a quantized head; "
+                              "fix: quantize with the head kept (recipe ignore: [lm_head]) for this export")
+        model.set_input_embeddings(table)
     res = CTExport(out, {})
     requant: dict[str, list[str]] = {}
     for i, (name, q) in enumerate(qmods):

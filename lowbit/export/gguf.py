@@ -228,11 +228,26 @@ def _weights(model: nn.Module):
     """(hf name, tensor or QLinear) for every tensor the GGUF holds; tied copies once."""
     from lowbit.model.qlinear import QLinear
 
+    from lowbit.model.qlinear import QEmbedding
+
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    emb = model.get_input_embeddings()
+    if isinstance(emb, QEmbedding):
+        # the embedding table is the quantized head's rows: GGUF holds it once as token_embd, and
+        # llama.cpp reads the output head from token_embd when output.weight is absent
+        emb_name = next(n for n, m in model.named_modules() if m is emb)
+        yield emb_name + ".weight", emb.head
+        head_owner = next(n for n, m in qmods.items() if m is emb.head)
+        qmods = {n: m for n, m in qmods.items() if m is not emb.head}
+        tied = True
+    else:
+        head_owner = None
     seen = set()
     for name, t in model.state_dict().items():
         owner, _, attr = name.rpartition(".")
+        if owner == head_owner:
+            continue
         if owner in qmods:
             if attr == "qdata":
                 yield owner + ".weight", qmods[owner]

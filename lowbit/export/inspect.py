@@ -22,7 +22,7 @@ def _header(path: Path) -> dict:
     return header
 
 
-def compute_path(spec: dict | None, in_features: int = 0, has_perm: bool = False) -> str:
+def compute_path(spec: dict | None, in_features: int = 0, has_perm: bool = False, out_features: int = 16) -> str:
     """Which CPU kernel a module runs (lowbit.model.kernels): int8pack, int4pack, int8dyn, or
     bf16deq (no fast kernel: dequantize then matmul) with the reason; "float" for a kept module."""
     if spec is None:
@@ -30,7 +30,7 @@ def compute_path(spec: dict | None, in_features: int = 0, has_perm: bool = False
     from lowbit.formats.spec import QuantSpec
     from lowbit.model.kernels import plan_for
 
-    plan = plan_for(QuantSpec.from_dict(spec), in_features, has_perm)
+    plan = plan_for(QuantSpec.from_dict(spec), in_features, has_perm, out_features)
     return plan.name if plan.fast else f"{plan.name} (slow: {plan.reason})"
 
 
@@ -60,7 +60,7 @@ def artifact_summary(folder: str | Path) -> dict:
         fmt = "kept (" + meta["recipe"].get("keep_dtype", "?") + ")" if spec is None else _label(spec)
         rows.append({"name": name, "format": fmt, "in_features": m["in_features"], "out_features": m["out_features"],
                      "bytes": nbytes, "bits_per_weight": 8 * nbytes / params if nbytes else 0.0,
-                     "path": compute_path(spec, m["in_features"], any(k.endswith(".perm") for k in keys)), "note": m.get("note", "") or ("tied to the embeddings" if not keys else "")})
+                     "path": compute_path(spec, m["in_features"], any(k.endswith(".perm") for k in keys), m["out_features"]), "note": m.get("note", "") or ("tied to the embeddings" if not keys else "")})
     total_bytes = sum(sizes.values())
     # parameters: quantized linears count as in*out; everything else by its stored numel
     other = sum(_numel(v["shape"]) for k, v in header.items() if k not in claimed)

@@ -52,10 +52,10 @@ def _int4_group(spec, cols: int) -> int:
 
 
 def plan_kernel(qt: QTensor) -> KernelPlan:
-    return plan_for(qt.spec, qt.shape[1], "perm" in qt.tensors)
+    return plan_for(qt.spec, qt.shape[1], "perm" in qt.tensors, qt.shape[0])
 
 
-def plan_for(spec, in_features: int, has_perm: bool = False) -> KernelPlan:
+def plan_for(spec, in_features: int, has_perm: bool = False, out_features: int = 16) -> KernelPlan:
     """The kernel a module of this format and input width runs on (no tensors needed)."""
     if spec.activation != "none":
         return KernelPlan("int8dyn", True)
@@ -67,8 +67,10 @@ def plan_for(spec, in_features: int, has_perm: bool = False) -> KernelPlan:
         return KernelPlan("bf16deq", False, why + "; use the int8 preset (symmetric, per channel) for a fast path")
     if spec.kind == "int" and spec.bits <= 4:
         g = _int4_group(spec, in_features)
-        if g:
+        if g and out_features % 16 == 0:
             return KernelPlan("int4pack", True, group=g)
+        if g:
+            return KernelPlan("bf16deq", False, f"int4pack needs a multiple of 16 output rows; this module has {out_features}")
         return KernelPlan("bf16deq", False, f"int4pack needs groups of 32, 64, 128 or 256 dividing the row; "
                                             f"this module has {spec.granularity} {spec.group_size or ''} over {in_features} inputs")
     if spec.kind == "int":

@@ -11,6 +11,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.compressed import write_compressed
 from lowbit.formats import QuantSpec
 from lowbit.model.load import load_model
+from lowbit.model.qlinear import prepare_model
 from lowbit.model.quantize import quantize_model
 from lowbit.recipe import Recipe
 from tests.conftest import make_tiny_llama, make_tokenizer
@@ -27,6 +28,7 @@ FP8 = QuantSpec(kind="fp8_e4m3", bits=8, granularity="channel")
 def _quantized(spec, tie=False):
     model = make_tiny_llama(tie=tie)
     quantize_model(model, Recipe(scheme=spec, ignore=() if not tie else ("lm_head",)))
+    prepare_model(model, "reference")  # the format's definition (fp32 dequantize + matmul), as transformers runs it
     return model
 
 
@@ -106,3 +108,18 @@ def test_existing_output_needs_force(tmp_path):
     (tmp_path / "ct").mkdir()
     with pytest.raises(LowbitError, match="--force"):
         write_compressed(_quantized(W4_SYM), None, tmp_path / "ct")
+
+
+def test_tied_int8_head_exports_its_rows_as_the_embedding_table(tmp_path, ids):
+    """The presets' INT8 head serves a tied model's embeddings in lowbit; compressed-tensors gets the
+    table written out (the head's rows, dequantized) beside the quantized head."""
+    from transformers import AutoModelForCausalLM
+
+    import lowbit
+
+    model = make_tiny_llama(tie=True)
+    lowbit.quantize(model, "int8")
+    prepare_model(model, "reference")
+    write_compressed(model, make_tokenizer(), tmp_path / "ct")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    assert (_logits(hf, ids) - _logits(model, ids)).abs().max().item() < 5e-3  # fp16 table vs int8 x scale rows
