@@ -216,6 +216,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
     model_type = getattr(model.config, "model_type", "")
     maps = mappings_for(model_type, method) if method in ("awq", "smoothquant") else ()
 
+    # plain RTN with weight-only activations needs no statistics: skip both passes
+    forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in plans)
     for bi in range(n_blocks):
         layer = layers[bi]
         bprefix = f"{prefix}.{bi}."
@@ -229,7 +231,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
         for n, m in linears.items():
             check_finite(bprefix + n, m.weight.detach())
         keep = max(1, options.awq_tokens // len(xs)) if method == "awq" else 0
-        stats = _collect(layer, linears, xs, kwargs, device, method == "gptq", keep)
+        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method == "gptq", keep)
         with torch.no_grad():
             if maps:
                 _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options, records)
@@ -239,14 +241,15 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
                     progress(f"block {bi}: {n}", bi, n_blocks)
                 spec = by_name[bprefix + n].spec
                 qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, records)
-                imatrix[bprefix + n] = stats[n].importance().cpu()
+                if forward:
+                    imatrix[bprefix + n] = stats[n].importance().cpu()
             del stats
             # The quantized block's outputs feed the next block. Weight-only layers run as float Linears
             # holding the dequantized weight (what QLinear's reference forward computes, without
             # unpacking the codes again for every sample); int8-activation layers run as themselves.
             for n, q in qlins.items():
                 set_submodule(layer, n, q.to(device) if q.spec.activation != "none" else _dequantized_linear(q, device))
-            for j, x in enumerate(xs):
+            for j, x in enumerate(xs if forward else []):
                 xs[j] = _block_out(layer(x.to(device), **kwargs)).to("cpu", dtype)
             for n, q in qlins.items():
                 set_submodule(layer, n, q)
@@ -304,6 +307,9 @@ def _collect(layer, linears, xs, kwargs, device, hessian: bool, keep: int) -> di
     finally:
         for h in hooks:
             h.remove()
+    for n, m in linears.items():  # not reached (no samples): empty statistics
+        if n not in stats and n not in alias:
+            stats[n] = LinearStats(m.in_features, hessian, keep, device)
     return {n: stats[alias.get(n, n)] for n in linears}
 
 
