@@ -48,8 +48,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() != 0 or not torch.isfinite(L).all():
         raise HessianError(f"the damped Hessian is not positive definite (Cholesky failed at column {info.item()})")
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    Hinv = torch.cholesky_solve(eye, L)  # cholesky_inverse is ~50x slower on CPU for the same result
+    del H  # (in, in) copies add up for wide layers: keep at most three alive
+    Hinv = torch.cholesky_solve(torch.eye(L.shape[0], device=L.device, dtype=L.dtype), L)  # ~50x faster than cholesky_inverse on CPU
+    del L
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     if info.item() != 0 or not torch.isfinite(U).all():
         raise HessianError("the inverse Hessian is not positive definite")
@@ -82,6 +83,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp)  # (in, in), raises HessianError
+    del H
     cspec = _column_spec(spec)
     group = spec.group_size if spec.granularity == "group" else None
     if group is None:  # one set of qparams for the whole row (or tensor), from the original weights
