@@ -40,8 +40,8 @@ def clip_search(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | Non
     if importance is not None:
         imp = importance.float().reshape(-1)
         imp_g = (imp.reshape(n_groups, gs) if spec.granularity != "tensor" else imp.repeat(rows).reshape(1, 1, -1))
-    best_err = torch.full((rows, n_groups), float("inf"))
-    best_f = torch.ones(rows, n_groups)
+    best_err = torch.full((rows, n_groups), float("inf"), device=w.device)
+    best_f = torch.ones(rows, n_groups, device=w.device)
     for i in range(grid + 1):
         f = 1.0 - (1.0 - min_shrink) * i / grid
         d = _qdq_groups(g, lo0 * f, hi0 * f, spec) - g  # (rows, n_groups, gs)
