@@ -73,15 +73,17 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     if spec.kind != "int":
         raise ValueError(f"GPTQ needs an integer format, got {spec.kind}")
     W = w.detach().float().clone()  # (out, in)
-    H = H.to(W.device).float().clone()
+    H = H.to(W.device).float()
     rows, cols = W.shape
+    perm = None
+    if act_order:  # a permuted copy; the caller's H is left as it was
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H.index_select(0, perm).index_select(1, perm)
+    else:
+        H = H.clone()
     dead = torch.diag(H) == 0  # inputs never active: any value works, zero them
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp)  # (in, in), raises HessianError
     del H
     cspec = _column_spec(spec)

@@ -32,6 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import affine
 from lowbit.formats.qtensor import int_qtensor, quantize_tensor
 from lowbit.formats.spec import QuantSpec
+from lowbit.model.load import release_memory
 from lowbit.model.qlinear import QLinear
 from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_kept, set_submodule
 from lowbit.recipe import Recipe
@@ -193,10 +194,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
         raise LowbitError(f"recipe '{recipe.name}': its targets/ignore patterns select no Linear module of this model")
     by_name = {p.name: p for p in plans}
     prefix, layers = decoder_layers(model)
-    block_names = {n for n in (source.names() if source else []) if n.startswith(prefix + ".")}
-    _fill(model, source, [n for n in (source.names() if source else []) if n not in block_names], dtype)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    names = source.names() if source else []
+    block_names = {n for n in names if n.startswith(prefix + ".")}
+    # The loop runs the decoder only: read what it needs now, the head and the rest after the blocks.
+    decoder_prefix = prefix.rpartition(".")[0] + "." if "." in prefix else ""
+    early = [n for n in names if n not in block_names and n.startswith(decoder_prefix)]
+    _fill(model, source, early, dtype)
     records = {"fallbacks": [], "awq_ratios": {}}
     imatrix: dict[str, torch.Tensor] = {}
 
@@ -243,6 +246,9 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
                 qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, records)
                 if forward:
                     imatrix[bprefix + n] = stats[n].importance().cpu()
+                if not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:]):
+                    stats[n].H = None  # last reader of this Hessian: free it before the next, wider one
+                    release_memory()
             del stats
             # The quantized block's outputs feed the next block. Weight-only layers run as float Linears
             # holding the dequantized weight (what QLinear's reference forward computes, without
@@ -254,10 +260,11 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
             for n, q in qlins.items():
                 set_submodule(layer, n, q)
         layer.to("cpu")
-        from lowbit.model.load import release_memory
-
         release_memory()
 
+    _fill(model, source, [n for n in names if n not in block_names and n not in early], dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
     # 2. whatever is planned outside the blocks (the head, if not ignored): round to nearest
     for p in plans:
         if p.spec is not None and not p.name.startswith(prefix + "."):
