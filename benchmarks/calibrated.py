@@ -107,7 +107,11 @@ def main() -> None:
                              "fallbacks": len(loaded.model.lowbit_calibration["rtn_fallbacks"])})
                 print(json.dumps(rows[-1]), flush=True)
                 del loaded
-    rows += peer_rows(args.peers)
+                write_table(args, rows, windows, final=False)  # a partial table survives an interrupted run
+    write_table(args, rows + peer_rows(args.peers), windows, final=True)
+
+
+def write_table(args, rows: list[dict], windows: torch.Tensor, final: bool) -> None:
     base_ppl = rows[0]["ppl_base"]
     rtn = {r["format"].split()[0]: r["kld"] for r in rows if r["format"].endswith(" rtn")}
     lines = [
@@ -135,10 +139,13 @@ def main() -> None:
     lines += ["", CAVEATS.get(args.model, "")]
     if fell:
         lines += ["", f"{fell} module(s) fell back to round-to-nearest (Hessian not positive definite)."]
+    if not final:
+        lines += ["", f"Partial: the run was still going (or was stopped) after these {len(rows)} row(s)."]
     if not args.peers:
         lines += ["", "Peer rows (llama.cpp, GPTQModel, llm-compressor) are not in this run: pass them with --peers."]
     write_section(args.out, f"calibrated-{args.model}", "\n".join(lines))
     print(f"wrote {args.out}")
+
 
 
 if __name__ == "__main__":
