@@ -14,12 +14,30 @@ from lowbit.model.quantize import quantize_model
 from lowbit.recipe import PRESETS, Recipe, preset, resolve_recipe
 
 
-def quantize(model: nn.Module, recipe: Recipe | str | Path = "int8", progress=None) -> nn.Module:
+def quantize(model: nn.Module, recipe: Recipe | str | Path = "int8", progress=None, method: str | None = None,
+             calib=None, samples: int = 128, seq_len: int = 512, tokenizer=None) -> nn.Module:
     """Quantize `model` in place with a Recipe, a preset name or a recipe file; returns the model.
 
+    With a method other than "rtn" (gptq, awq, smoothquant, rtn-mse) or calibration data (a .txt/.jsonl
+    path, a built-in set name, or a list of texts), the model is calibrated block by block.
+    To quantize a checkpoint too large for memory, use lowbit.calib.quantize_calibrated, which streams it.
+
     >>> lowbit.quantize(model, "w4-g128")
+    >>> lowbit.quantize(model, "w4-g128", method="gptq", calib="mix", samples=128, seq_len=512)
     """
-    quantize_model(model, resolve_recipe(recipe), progress)
+    rec = resolve_recipe(recipe)
+    method = method or ("gptq" if calib is not None and rec.algorithm == "rtn" else rec.algorithm)
+    if method == "rtn" and calib is None:
+        quantize_model(model, rec, progress)
+        return model
+    from lowbit.calib import DEFAULT_CALIB, quantize_model_calibrated
+
+    tok = tokenizer if tokenizer is not None else getattr(model, "lowbit_tokenizer", None)
+    if tok is None:
+        raise LowbitError("quantize: calibration needs the model's tokenizer; pass tokenizer=..., or load the model "
+                          "with lowbit.load (which keeps it on the model)")
+    quantize_model_calibrated(model, tok, rec, method, DEFAULT_CALIB if calib is None else calib, samples, seq_len,
+                              progress=progress)
     return model
 
 

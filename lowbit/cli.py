@@ -65,10 +65,24 @@ def quantize(
     recipe: str = typer.Option("int8", "--recipe", "-r", help="Preset name (see `lowbit presets`) or a recipe .yaml/.json file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the artifact to (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
+    method: Optional[str] = typer.Option(None, "--method",
+        help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, or smoothquant (W8A8 recipes). "
+             "Default: the recipe's algorithm, or gptq when --calib is given."),
+    calib: Optional[str] = typer.Option(None, "--calib",
+        help="Calibration prompts: a .txt file, a .jsonl file (a 'text' field or chat 'messages'), or a built-in "
+             "set: mix (default), wikipedia, python-docs."),
+    samples: int = typer.Option(128, "--samples", min=1, help="Calibration windows."),
+    seq_len: int = typer.Option(512, "--seq-len", min=2, help="Tokens per calibration window."),
+    damp: float = typer.Option(0.01, "--damp", min=0.0, help="GPTQ dampening: fraction of mean(diag H) added to H."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: quantize important columns first."),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="SmoothQuant migration strength."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 
-    Example: lowbit quantize --model smollm2-135m --recipe w4-g128 --out out/smollm2-w4
+    With --method other than rtn (or --calib), the model is calibrated and quantized block by block,
+    streaming its weights from disk, so peak memory is about one block plus the calibration activations.
+
+    Example: lowbit quantize --model smollm2-135m --recipe w4-g128 --method gptq --calib mix --samples 128 --seq-len 512 --out out/smollm2-w4-gptq
     """
     from lowbit.export.native import prepare_out_dir, save_artifact
     from lowbit.model.load import load_model
@@ -76,19 +90,40 @@ def quantize(
     from lowbit.recipe import resolve_recipe
 
     rec = resolve_recipe(recipe)
+    method = method or ("gptq" if calib and rec.algorithm == "rtn" else rec.algorithm)
     prepare_out_dir(out_dir, force)  # fail before the slow part
     _quiet_transformers()
     t0 = time.perf_counter()
-    with err.status(f"Loading {model} ..."):
-        loaded = load_model(model, progress=lambda msg: err.print(msg))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as prog:
-        task = prog.add_task(f"Quantizing ({rec.name})", total=None)
+    if method != "rtn" or calib:
+        from lowbit.calib import CalibOptions, quantize_calibrated
+        from lowbit.calib.sequential import check_method
 
-        def step(name: str, i: int, total: int) -> None:
-            prog.update(task, total=total, completed=i, description=f"Quantizing {name}")
+        check_method(method, rec)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as prog:
+            task = prog.add_task(f"Calibrating ({method}, {rec.name})", total=None)
 
-        plans = quantize_model(loaded.model, rec, step)
+            def block_step(msg: str, i: int, total: int) -> None:
+                prog.update(task, total=total, completed=i, description=f"{method}: {msg}")
+
+            loaded = quantize_calibrated(model, rec, method, calib or "mix", samples, seq_len,
+                                         options=CalibOptions(damp=damp, act_order=act_order, alpha=alpha),
+                                         progress=block_step, say=lambda msg: err.print(msg, highlight=False))
+        plans = loaded.model.lowbit_plan
+        fell = loaded.model.lowbit_calibration["rtn_fallbacks"]
+        if fell:
+            err.print(f"[yellow]note:[/] {len(fell)} module(s) fell back to round-to-nearest, e.g. {fell[0]}", highlight=False)
+    else:
+        with err.status(f"Loading {model} ..."):
+            loaded = load_model(model, progress=lambda msg: err.print(msg))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as prog:
+            task = prog.add_task(f"Quantizing ({rec.name})", total=None)
+
+            def step(name: str, i: int, total: int) -> None:
+                prog.update(task, total=total, completed=i, description=f"Quantizing {name}")
+
+            plans = quantize_model(loaded.model, rec, step)
     notes: dict[str, list[str]] = {}
     for p in plans:
         if p.note:
@@ -101,7 +136,7 @@ def quantize(
 
     s = artifact_summary(out_dir)
     n_q = sum(p.spec is not None for p in plans)
-    out.print(f"Wrote {out_dir}: {n_q} of {len(plans)} linear modules quantized with '{rec.name}', "
+    out.print(f"Wrote {out_dir}: {n_q} of {len(plans)} linear modules quantized with '{rec.name}' ({method}), "
               f"{_human(s['bytes_on_disk'])} on disk, {s['linear_bits_per_weight']:.2f} bits/weight in quantized "
               f"linears, {s['model_bits_per_weight']:.2f} over the whole model ({time.perf_counter() - t0:.0f} s).",
               highlight=False)

@@ -30,7 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.spec import QuantSpec
 
 RECIPE_VERSION = 1
-ALGORITHMS = ("rtn",)
+ALGORITHMS = ("rtn", "rtn-mse", "gptq", "awq", "smoothquant")  # all but rtn need calibration (lowbit.calib)
 GROUP_FALLBACKS = ("error", "shrink")
 KEEP_DTYPES = ("float16", "bfloat16", "float32")
 KV_CACHES = ("none", "int8", "fp8")

@@ -34,3 +34,24 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             dtype = DTYPES[info["dtype"]]
             t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             yield name, t.reshape(info["shape"])
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, {name: {dtype, shape, data_offsets}}) of one safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def read_tensor(path: Path, base: int, info: dict) -> torch.Tensor:
+    """One tensor of a safetensors file by its header entry, read into its own buffer (no memory map)."""
+    start, end = info["data_offsets"]
+    buf = bytearray(end - start)
+    with open(path, "rb") as f:
+        f.seek(base + start)
+        f.readinto(buf)
+    dtype = DTYPES[info["dtype"]]
+    t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+    return t.reshape(info["shape"])

@@ -1,0 +1,157 @@
+"""Calibrated quantization of a checkpoint larger than the memory it is allowed, and GPTQ time on the
+bundled model.
+
+    .venv/bin/python benchmarks/calib_memory.py capped [--layers 22 --hidden 2048 --intermediate 5632]
+        [--cap-gb 2.5] [--method gptq] [--samples 8] [--seq-len 256]
+    .venv/bin/python benchmarks/calib_memory.py speed [--model smollm2-135m] [--samples 128] [--seq-len 512]
+
+capped: saves a random-initialised Llama (default about 1.1B parameters, 4.4 GB as FP32 safetensors),
+then quantizes it to W4 g128 in a child process whose address space is limited with RLIMIT_AS to
+--cap-gb (MALLOC_ARENA_MAX=2 so glibc's per-thread arenas do not reserve address space it never
+uses). The child reports its peak RSS (VmHWM) and peak address space (VmPeak). Loading the float
+model whole could not fit under the cap; the block-by-block loop does.
+speed: `lowbit quantize --method gptq` on the bundled model in a child process: wall time, peak RSS.
+Each writes its own section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from presets import write_section  # noqa: E402
+
+CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from lowbit.calib import quantize_calibrated
+t0 = time.perf_counter()
+quantize_calibrated({folder!r}, "w4-g128", {method!r}, "wikipedia", {samples}, {seq_len}, out={out!r})
+status = {{l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('VmHWM', 'VmPeak'))}}
+print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_kb": status["VmHWM"], "peak_vm_kb": status["VmPeak"]}}))
+"""
+
+
+def make_model(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lowbit.model import sources
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, max_position_embeddings=2048,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float()
+    model.save_pretrained(folder, max_shard_size="20GB")
+    bundled = sources.resolve("smollm2-135m")  # any byte-level tokenizer will do for random weights
+    tok_folder, _ = __import__("lowbit.model.load", fromlist=["float_folder"]).float_folder(bundled)
+    AutoTokenizer.from_pretrained(str(tok_folder)).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def limit(cap_bytes: int):
+    def pre():
+        resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+    return pre
+
+
+def capped(args) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        folder = Path(tmp) / "random-llama"
+        t0 = time.perf_counter()
+        n = make_model(folder, args.layers, args.hidden, args.intermediate, args.vocab)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        print(f"saved {n / 1e9:.2f}B parameters, {size / 1e9:.2f} GB, in {time.perf_counter() - t0:.0f} s", flush=True)
+        cap = int(args.cap_gb * 1e9)
+        code = CHILD.format(root=str(ROOT), folder=str(folder), method=args.method, samples=args.samples,
+                            seq_len=args.seq_len, out=str(Path(tmp) / "w4"))
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit(cap), env=env)
+        ok = p.returncode == 0
+        res = json.loads(p.stdout.strip().splitlines()[-1]) if ok else {}
+        print(p.stdout[-2000:], p.stderr[-3000:] if not ok else "", flush=True)
+        art = sum(f.stat().st_size for f in (Path(tmp) / "w4").glob("*")) if ok else 0
+    lines = [
+        "## Calibrated quantization under a memory cap",
+        "",
+        f"Written by `benchmarks/calib_memory.py capped --layers {args.layers} --hidden {args.hidden} --intermediate "
+        f"{args.intermediate} --cap-gb {args.cap_gb} --method {args.method} --samples {args.samples} --seq-len "
+        f"{args.seq_len}` on {time.strftime('%Y-%m-%d')}: a random-initialised Llama of {n / 1e9:.2f}B parameters saved "
+        f"as FP32 safetensors ({size / 1e9:.2f} GB), quantized to w4-g128 with {args.method} in a child process whose "
+        f"address space is capped at {args.cap_gb} GB (RLIMIT_AS, which counts every mapping, so the cap is stricter "
+        f"than a resident-memory limit of the same size).",
+        "",
+        "| checkpoint on disk | address-space cap | result | peak RSS | peak address space | artifact | time |",
+        "|---|---|---|---|---|---|---|",
+        f"| {size / 1e9:.2f} GB | {args.cap_gb:.1f} GB | {'ok' if ok else 'failed (exit %d)' % p.returncode} | "
+        + (f"{res['peak_rss_kb'] / 1e6:.2f} GB | {res['peak_vm_kb'] / 1e6:.2f} GB | {art / 1e9:.2f} GB | {res['seconds']:.0f} s |"
+           if ok else "- | - | - | - |"),
+    ]
+    write_section(args.out, "calibrated-capped", "\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+def speed(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", args.model, "--recipe", "w4-g128",
+               "--method", "gptq", "--calib", "mix", "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+               "--out", str(Path(tmp) / "out")]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # GB (ru_maxrss is in KB)
+        if p.returncode != 0:
+            raise SystemExit(p.stderr[-3000:])
+        cal = json.loads((Path(tmp) / "out" / "lowbit.json").read_text())["calibration"]
+    lines = [
+        f"## GPTQ time and memory on {args.model}",
+        "",
+        f"Written by `benchmarks/calib_memory.py speed --model {args.model} --samples {args.samples} --seq-len "
+        f"{args.seq_len}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, shared with other jobs while it ran, "
+        f"so the time is pessimistic): `lowbit quantize --recipe w4-g128 --method gptq` in a child process.",
+        "",
+        "| calibration | wall time (whole command) | of which calibrated loop | peak RSS |",
+        "|---|---|---|---|",
+        f"| {args.samples} x {args.seq_len} tokens | {wall:.0f} s | {cal['seconds']:.0f} s | {peak:.2f} GB |",
+    ]
+    write_section(args.out, f"calibrated-speed-{args.model}", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("capped")
+    c.add_argument("--layers", type=int, default=22)
+    c.add_argument("--hidden", type=int, default=2048)
+    c.add_argument("--intermediate", type=int, default=5632)
+    c.add_argument("--vocab", type=int, default=49152)  # the bundled tokenizer's
+    c.add_argument("--cap-gb", type=float, default=2.5)
+    c.add_argument("--method", default="gptq")
+    c.add_argument("--samples", type=int, default=8)
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--tmp", default=None, help="folder for the temporary checkpoint (needs its size free)")
+    s = sub.add_parser("speed")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--samples", type=int, default=128)
+    s.add_argument("--seq-len", type=int, default=512)
+    for p in (c, s):
+        p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = ap.parse_args()
+    capped(args) if args.cmd == "capped" else speed(args)
+
+
+if __name__ == "__main__":
+    main()

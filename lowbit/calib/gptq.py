@@ -1,0 +1,140 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight one input column at a time and push each column's
+rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's
+squared output error, H = 2/n * sum x x^T over the calibration tokens.
+
+Three functions: accumulate H, factorise it, run the column loop. Orchestration (which layers, which
+inputs) lives in sequential.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from lowbit.formats import affine
+from lowbit.formats.qtensor import QTensor, int_qtensor
+from lowbit.formats.spec import QuantSpec
+
+
+class HessianError(ValueError):
+    """The damped Hessian is not positive definite: GPTQ cannot run on this layer."""
+
+
+@dataclass
+class Hessian:
+    """Running H = 2/n * sum_t x_t x_t^T for one Linear's inputs."""
+    H: torch.Tensor  # (in, in) float32
+    n: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "Hessian":
+        return cls(torch.zeros(in_features, in_features, device=device))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        t = x.shape[0]
+        self.H.mul_(self.n / (self.n + t))
+        self.n += t
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, (in, in). Raises HessianError."""
+    H = H.clone()
+    d = torch.arange(H.shape[0], device=H.device)
+    H[d, d] += damp * torch.mean(torch.diag(H))
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0 or not torch.isfinite(L).all():
+        raise HessianError(f"the damped Hessian is not positive definite (Cholesky failed at column {info.item()})")
+    del H  # (in, in) copies add up for wide layers: keep at most three alive
+    Hinv = torch.cholesky_solve(torch.eye(L.shape[0], device=L.device, dtype=L.dtype), L)  # ~50x faster than cholesky_inverse on CPU
+    del L
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if info.item() != 0 or not torch.isfinite(U).all():
+        raise HessianError("the inverse Hessian is not positive definite")
+    return U
+
+
+def _column_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec one column is rounded with: one scale per row (affine.quantize on a (rows, 1) slice)."""
+    return replace(spec, granularity="channel", group_size=None)
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
+                  act_order: bool = False) -> QTensor:
+    """GPTQ-quantize w (out, in) against Hessian H (in, in); returns an int QTensor.
+
+    act_order: quantize columns in order of decreasing diag(H) (most important first). With group-wise
+    scales the stored columns stay in that order and the QTensor carries `perm`, so groups are
+    contiguous in storage and the runtime needs one input gather, not a per-column group index.
+    """
+    if spec.kind != "int":
+        raise ValueError(f"GPTQ needs an integer format, got {spec.kind}")
+    W = w.detach().float().clone()  # (out, in)
+    H = H.to(W.device).float()
+    rows, cols = W.shape
+    perm = None
+    if act_order:  # a permuted copy; the caller's H is left as it was
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H.index_select(0, perm).index_select(1, perm)
+    else:
+        H = H.clone()
+    dead = torch.diag(H) == 0  # inputs never active: any value works, zero them
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    U = inverse_cholesky(H, damp)  # (in, in), raises HessianError
+    del H
+    cspec = _column_spec(spec)
+    group = spec.group_size if spec.granularity == "group" else None
+    if group is None:  # one set of qparams for the whole row (or tensor), from the original weights
+        scale, zero = affine.choose_qparams(W, spec)  # (rows or 1, 1)
+        col_scale = scale.expand(rows, 1) if scale.shape[0] == 1 else scale
+        col_zero = None if zero is None else (zero.expand(rows, 1) if zero.shape[0] == 1 else zero)
+        scales, zeros = [scale], [zero]
+    else:
+        scales, zeros = [], []
+    Q = torch.zeros(rows, cols, dtype=torch.int16, device=W.device)  # codes, stored column order
+    threads = torch.get_num_threads()
+    if W.device.type == "cpu":  # thousands of small ops: extra threads cost more than they give
+        torch.set_num_threads(1)
+    try:
+        _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale if group is None else None,
+                     col_zero if group is None else None)
+    finally:
+        torch.set_num_threads(threads)
+    q_dtype = torch.int8 if spec.symmetric else torch.uint8
+    scale = torch.cat(scales, dim=1)  # (out, n_groups) or (rows, 1)
+    zero = None if zeros[0] is None else torch.cat(zeros, dim=1)
+    codes = Q.to(q_dtype).cpu()
+    if perm is not None and group is None:  # one scale per row: undo the order, no perm needed at run time
+        inv = torch.argsort(perm)
+        codes, perm = codes[:, inv], None
+    return int_qtensor(spec, codes, scale.cpu(), None if zero is None else zero.cpu(),
+                       None if perm is None else perm.cpu())
+
+
+def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, col_zero) -> None:
+    """Quantize W's columns in place order into Q, spreading each column's error over the later ones."""
+    rows, cols = W.shape
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (out, bs) columns being quantized, updated in place
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if group is not None and c % group == 0:  # a new group: qparams from its current (updated) columns
+                span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]  # (out, group)
+                col_scale, col_zero = affine.choose_qparams(span, cspec)  # (out, 1)
+                scales.append(col_scale)
+                zeros.append(col_zero)
+            col = W1[:, i : i + 1]  # (out, 1)
+            q = affine.quantize(col, col_scale, col_zero, cspec)
+            dq = affine.dequantize(q, col_scale, col_zero, cspec)
+            Q[:, c] = q[:, 0].to(torch.int16)
+            err = (col[:, 0] - dq[:, 0]) / U1[i, i]  # (out,)
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of the columns after this block

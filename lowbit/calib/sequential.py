@@ -1,0 +1,387 @@
+"""The sequential calibration loop: one decoder block at a time, in bounded memory.
+
+    capture the inputs of block 0 (embeddings only are loaded; every block is a pass-through)
+    for each block:
+        read its weights from the safetensors file (plain reads, no memory map)
+        run the calibration inputs through it, hooks accumulating per-Linear statistics
+        fold scales (AWQ, SmoothQuant), quantize its Linear layers (RTN, MSE clip, GPTQ, AWQ clip)
+        run the quantized block to produce the next block's inputs
+    quantize the head if the recipe asks (RTN), round the kept tensors, attach plan and records
+
+Blocks not being worked on stay on the meta device (never read) or are already quantized, so peak
+memory is about one float block, the calibration activations (samples x seq_len x hidden, twice)
+and one Hessian, not the whole float model. The same loop runs on a model already in memory (the
+reader is then a no-op), which is how the tests check that streaming changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.calib import awq, clip, gptq, smoothquant
+from lowbit.calib.data import CalibData
+from lowbit.calib.mappings import mappings_for
+from lowbit.errors import LowbitError
+from lowbit.formats import affine
+from lowbit.formats.qtensor import int_qtensor, quantize_tensor
+from lowbit.formats.spec import QuantSpec
+from lowbit.model.load import release_memory
+from lowbit.model.qlinear import QLinear
+from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_kept, set_submodule
+from lowbit.recipe import Recipe
+
+METHODS = ("rtn", "rtn-mse", "gptq", "awq", "smoothquant")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # GPTQ: lazy-update column block
+    act_order: bool = True  # GPTQ: columns by decreasing diag(H)
+    alpha: float = 0.5  # SmoothQuant migration strength
+    grid: int = 20  # AWQ scale grid and clipping grid
+    awq_tokens: int = 4096  # AWQ: activation rows kept per Linear for the searches
+    clip_tokens: int = 512  # AWQ clipping search: rows of those used
+    device: str | None = None  # None: CUDA when present, else CPU
+
+
+# -- reading one block's tensors -----------------------------------------------------------------
+class TensorSource:
+    """Tensors of a float checkpoint folder (one or several safetensors files), read one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        from lowbit.model import sources
+        from lowbit.model.st_reader import read_header
+
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for f in sources.check_hf_folder(folder):
+            base, header = read_header(f)
+            for name, info in header.items():
+                self.where[name] = (f, base, info)
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def read(self, name: str) -> torch.Tensor:
+        from lowbit.model.st_reader import read_tensor
+
+        f, base, info = self.where[name]
+        return read_tensor(f, base, info)
+
+
+def _fill(model: nn.Module, source: TensorSource | None, names: list[str], dtype: torch.dtype) -> None:
+    from lowbit.model.load import _set_tensor
+
+    if source is None:
+        return
+    for n in names:
+        t = source.read(n)
+        if t.is_floating_point():
+            t = t.to(dtype)
+        if not _set_tensor(model, n, t):
+            raise LowbitError(f"weights: tensor {n} has no place in the model built from config.json; fix: check the config matches the weights")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList whose name ends in 'layers'."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers")]
+    if not found:
+        raise LowbitError("model: no list of decoder layers (a ModuleList named '...layers') was found; "
+                          "calibrated quantization supports decoder-only transformers (Llama, Gemma 3, Qwen, Mistral)")
+    return max(found, key=lambda nm: len(nm[1]))
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a block while the block inputs are captured: records kwargs, returns its input."""
+
+    def __init__(self, index: int, store: dict) -> None:
+        super().__init__()
+        self.index, self.store = index, store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.store.setdefault("inputs", []).append(hidden_states.detach())
+        self.store.setdefault("kwargs", {}).setdefault(self.index, {k: v for k, v in kwargs.items()
+                                                                    if k not in ("cache", "past_key_values", "use_cache")})
+        return hidden_states
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# -- statistics ---------------------------------------------------------------------------------
+class LinearStats:
+    """Per-Linear accumulators filled by a forward pre-hook."""
+
+    def __init__(self, in_features: int, hessian: bool, keep_rows: int, device) -> None:
+        self.sq = torch.zeros(in_features, dtype=torch.float64, device=device)  # sum x**2 (importance)
+        self.absmax = torch.zeros(in_features, device=device)
+        self.n = 0
+        self.H = gptq.Hessian.empty(in_features, device) if hessian else None
+        self.keep_rows = keep_rows
+        self.rows: list[torch.Tensor] = []
+        self.gen = torch.Generator().manual_seed(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.sq += (x * x).sum(0).double()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.n += x.shape[0]
+        if self.H is not None:
+            self.H.add(x)
+        if self.keep_rows:
+            idx = torch.randperm(x.shape[0], generator=self.gen)[: self.keep_rows]
+            self.rows.append(x[idx.to(x.device)].cpu())
+
+    def importance(self) -> torch.Tensor:
+        return (self.sq / max(self.n, 1)).float()
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.empty(0)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The inputs become x / s once s is folded into the op that feeds this Linear."""
+        self.sq /= s.double().pow(2)
+        self.absmax /= s
+        self.rows = [r / s.cpu() for r in self.rows]
+        if self.H is not None:
+            self.H.H /= s[:, None] * s[None, :]
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def check_method(method: str, recipe: Recipe) -> None:
+    if method not in METHODS:
+        raise LowbitError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
+    if method != "rtn":
+        kinds = {s.kind for s in [recipe.scheme, *(o.scheme for o in recipe.overrides if o.scheme)]}
+        if kinds != {"int"}:
+            raise LowbitError(f"--method {method}: works on integer schemes; recipe '{recipe.name}' uses "
+                              f"{', '.join(sorted(kinds))}; fix: pick an int recipe (e.g. w4-g128) or --method rtn")
+
+
+def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: CalibData,
+                        source: TensorSource | None = None, options: CalibOptions = CalibOptions(),
+                        progress: Progress | None = None) -> list[ModulePlan]:
+    """Quantize `model` in place, block by block. With `source`, the model is a meta-device skeleton
+    and each block's weights are read from it when the block's turn comes."""
+    check_method(method, recipe)
+    t0 = time.perf_counter()
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32
+    plans = plan_model(model, recipe)
+    if not any(p.spec is not None for p in plans):
+        raise LowbitError(f"recipe '{recipe.name}': its targets/ignore patterns select no Linear module of this model")
+    by_name = {p.name: p for p in plans}
+    prefix, layers = decoder_layers(model)
+    names = source.names() if source else []
+    block_names = {n for n in names if n.startswith(prefix + ".")}
+    # The loop runs the decoder only: read what it needs now, the head and the rest after the blocks.
+    decoder_prefix = prefix.rpartition(".")[0] + "." if "." in prefix else ""
+    early = [n for n in names if n not in block_names and n.startswith(decoder_prefix)]
+    _fill(model, source, early, dtype)
+    records = {"fallbacks": [], "awq_ratios": {}}
+    imatrix: dict[str, torch.Tensor] = {}
+
+    # 1. inputs of block 0 and the keyword arguments every block gets (masks, rotary tables)
+    store: dict = {}
+    real = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _PassThrough(i, store)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    with torch.no_grad():
+        for s in range(data.ids.shape[0]):
+            base(input_ids=data.ids[s : s + 1], use_cache=False)
+    for i, layer in enumerate(real):
+        layers[i] = layer
+    xs = [x.to(dtype) for x in store["inputs"]]  # samples x (1, seq, hidden), on the CPU
+    n_blocks = len(layers)
+    model_type = getattr(model.config, "model_type", "")
+    maps = mappings_for(model_type, method) if method in ("awq", "smoothquant") else ()
+
+    # plain RTN with weight-only activations needs no statistics: skip both passes
+    forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in plans)
+    for bi in range(n_blocks):
+        layer = layers[bi]
+        bprefix = f"{prefix}.{bi}."
+        _fill(model, source, sorted(n for n in block_names if n.startswith(bprefix)), dtype)
+        if progress:
+            progress(f"block {bi}: statistics", bi, n_blocks)
+        kwargs = _to(store["kwargs"][bi], device)
+        layer.to(device)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)
+                   and by_name.get(bprefix + n) is not None and by_name[bprefix + n].spec is not None}
+        for n, m in linears.items():
+            check_finite(bprefix + n, m.weight.detach())
+        keep = max(1, options.awq_tokens // len(xs)) if method == "awq" else 0
+        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method == "gptq", keep)
+        with torch.no_grad():
+            if maps:
+                _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options, records)
+            qlins = {}
+            for n, m in linears.items():
+                if progress:
+                    progress(f"block {bi}: {n}", bi, n_blocks)
+                spec = by_name[bprefix + n].spec
+                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, records)
+                if forward:
+                    imatrix[bprefix + n] = stats[n].importance().cpu()
+                if not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:]):
+                    stats[n].H = None  # last reader of this Hessian: free it before the next, wider one
+                    release_memory()
+            del stats
+            # The quantized block's outputs feed the next block. Weight-only layers run as float Linears
+            # holding the dequantized weight (what QLinear's reference forward computes, without
+            # unpacking the codes again for every sample); int8-activation layers run as themselves.
+            for n, q in qlins.items():
+                set_submodule(layer, n, q.to(device) if q.spec.activation != "none" else _dequantized_linear(q, device))
+            for j, x in enumerate(xs if forward else []):
+                xs[j] = _block_out(layer(x.to(device), **kwargs)).to("cpu", dtype)
+            for n, q in qlins.items():
+                set_submodule(layer, n, q)
+        layer.to("cpu")
+        release_memory()
+
+    _fill(model, source, [n for n in names if n not in block_names and n not in early], dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # 2. whatever is planned outside the blocks (the head, if not ignored): round to nearest
+    for p in plans:
+        if p.spec is not None and not p.name.startswith(prefix + "."):
+            lin = model.get_submodule(p.name)
+            check_finite(p.name, lin.weight.detach())
+            set_submodule(model, p.name, QLinear.from_linear(lin, p.spec))
+            if getattr(model.config, "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False
+    round_kept(model, recipe.keep_dtype)
+    model.lowbit_plan = plans
+    model.lowbit_recipe = replace(recipe, algorithm=method)
+    model.lowbit_imatrix = imatrix
+    model.lowbit_calibration = {"method": method, "options": asdict(options), "data": {"source": data.source, **data.stats},
+                                "device": str(device), "seconds": round(time.perf_counter() - t0, 1),
+                                "rtn_fallbacks": records["fallbacks"],
+                                **({"awq_ratios": records["awq_ratios"]} if records["awq_ratios"] else {})}
+    return plans
+
+
+def _collect(layer, linears, xs, kwargs, device, hessian: bool, keep: int) -> dict[str, LinearStats]:
+    """Run the calibration inputs through the block, accumulating each Linear's input statistics.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one accumulator: it is found on the
+    first sample by the identity of the input tensor and reused from then on."""
+    stats: dict[str, LinearStats] = {}
+    seen: dict[tuple, str] = {}  # (data_ptr, shape) of this sample's inputs -> first Linear that read it
+    alias: dict[str, str] = {}
+
+    def hook(name, x):
+        if name in alias:
+            return
+        if name not in stats:
+            key = (x.data_ptr(), tuple(x.shape))
+            if key in seen and seen[key] != name:
+                alias[name] = seen[key]
+                return
+            seen[key] = name
+            stats[name] = LinearStats(x.shape[-1], hessian, keep, device)
+        stats[name].add(x)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, args[0])) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            for x in xs:
+                seen.clear()
+                layer(x.to(device), **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for n, m in linears.items():  # not reached (no samples): empty statistics
+        if n not in stats and n not in alias:
+            stats[n] = LinearStats(m.in_features, hessian, keep, device)
+    return {n: stats[alias.get(n, n)] for n in linears}
+
+
+def _dequantized_linear(q: QLinear, device) -> nn.Linear:
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(q.dequantized_weight(torch.float32).to(device), requires_grad=False)
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias.detach().float().to(device), requires_grad=False)
+    return lin
+
+
+def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options, records) -> None:
+    """AWQ / SmoothQuant: pick a per-channel scale for each (prev -> layers) mapping and fold it in."""
+    for mp in maps:
+        if not all(n in linears for n in mp.layers):
+            continue  # some of these layers are kept in high precision: leave their inputs alone
+        try:
+            prev = layer.get_submodule(mp.prev)
+        except AttributeError:
+            continue
+        ws = [linears[n].weight.data for n in mp.layers]
+        if isinstance(prev, nn.Linear) and any(prev.out_features != w.shape[1] for w in ws):
+            continue  # grouped-query attention: v_proj outputs feed several o_proj inputs
+        first = stats[mp.layers[0]]
+        if method == "awq":
+            specs = [by_name[bprefix + n].spec for n in mp.layers]
+            s, ratio, _ = awq.search_scales(first.sample().to(ws[0].device), ws, specs, options.grid)
+            records["awq_ratios"][bprefix + mp.prev] = ratio
+        else:
+            s = smoothquant.smooth_scales(first.absmax, ws, options.alpha)
+        s = s.to(ws[0].device)
+        for n in mp.layers:
+            linears[n].weight.data.mul_(s[None, :])
+        for st in {id(stats[n]): stats[n] for n in mp.layers}.values():  # shared accumulators: once each
+            st.rescale(s)
+        if isinstance(prev, nn.Linear):
+            prev.weight.data.div_(s[:, None])
+            if prev.bias is not None:
+                prev.bias.data.div_(s)
+        else:
+            prev.weight.data.copy_((prev.weight.data + mp.offset) / s - mp.offset)
+
+
+def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, method: str,
+                     options: CalibOptions, records: dict) -> QLinear:
+    w = m.weight.detach()
+    qt = None
+    if method == "gptq":
+        try:
+            qt = gptq.gptq_quantize(w, st.H.H, spec, options.block_size, options.damp, options.act_order)
+        except gptq.HessianError as e:
+            warnings.warn(f"module {name}: GPTQ could not run ({e}); this layer fell back to round-to-nearest. "
+                          f"Fix: raise the dampening (--damp, now {options.damp}), or calibrate on more and more "
+                          f"varied samples (--samples, --calib)", stacklevel=2)
+            records["fallbacks"].append(name)
+    elif method in ("rtn-mse", "awq") and spec.kind == "int":
+        x = st.sample()[: options.clip_tokens].to(w.device) if method == "awq" else None
+        scale, zero = clip.clip_search(w, spec, importance=st.importance() if x is None else None, x=x, grid=options.grid)
+        qt = int_qtensor(spec, affine.quantize(w, scale, zero, spec), scale.cpu(), None if zero is None else zero.cpu())
+        qt.tensors["qdata"] = qt.tensors["qdata"].cpu()
+    if qt is None:
+        qt = quantize_tensor(w.cpu(), spec)
+    tensors = dict(qt.tensors)
+    if spec.activation == "int8_static":
+        amax = st.absmax.max().clamp(min=1e-8)
+        tensors["input_scale"] = (amax / 127).float().cpu().reshape(())
+    bias = None if m.bias is None else m.bias.detach().cpu()
+    return QLinear(m.in_features, m.out_features, spec, tensors, bias)

@@ -1,0 +1,135 @@
+"""The block-by-block loop on a tiny random Llama: streaming from disk equals quantizing in memory,
+RTN through the loop equals the plain quantize verb, artifacts reload, a singular Hessian falls back."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from lowbit.calib import CalibOptions, load_calibration, quantize_calibrated, quantize_model_calibrated
+from lowbit.errors import LowbitError
+from lowbit.model.load import load_artifact
+from lowbit.model.quantize import quantize_model
+from lowbit.recipe import Recipe, _int
+from tests.conftest import make_tiny_llama, make_tokenizer
+
+TEXTS = ["Quantization maps real numbers onto a small grid of integers. " * 6,
+         "The river bends twice before it reaches the old mill by the bridge. " * 6]
+W4 = Recipe(name="w4-g32", scheme=_int(4, "group", 32, symmetric=False, scale_dtype="float16"), group_fallback="shrink")
+W8A8S = Recipe(name="w8a8-static", scheme=_int(8, "channel", activation="int8_static"))
+FAST = CalibOptions(grid=4, awq_tokens=64, clip_tokens=32)
+
+
+def calib():
+    return load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48)
+
+
+def same_state(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_streaming_equals_in_memory(tiny_dir, method):
+    streamed = quantize_calibrated(str(tiny_dir), W4, method, TEXTS, samples=2, seq_len=48, options=FAST).model
+    in_memory = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, method, calib(), options=FAST)
+    assert same_state(streamed, in_memory)
+    assert streamed.lowbit_calibration["method"] == method
+    assert set(streamed.lowbit_imatrix) == {p.name for p in streamed.lowbit_plan if p.spec is not None}
+
+
+def test_rtn_through_the_loop_equals_quantize_model():
+    plain = make_tiny_llama()
+    quantize_model(plain, W4)
+    looped = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "rtn", calib())
+    assert same_state(plain, looped)
+
+
+@pytest.mark.slow
+def test_gptq_artifact_reloads_with_perm_and_imatrix(tiny_dir, tmp_path, ids):
+    out = tmp_path / "art"
+    q = quantize_calibrated(str(tiny_dir), W4, "gptq", TEXTS, samples=2, seq_len=48, out=out, options=FAST).model
+    back = load_artifact(out)
+    assert "perm" in dict(back.model.model.layers[0].self_attn.q_proj.named_buffers())
+    assert set(back.model.lowbit_imatrix) == set(q.lowbit_imatrix)
+    assert back.meta["calibration"]["data"]["tokens"] == 96
+    assert back.meta["recipe"]["algorithm"] == "gptq"
+    torch.testing.assert_close(back.model(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_gptq_reduces_output_error_of_a_block():
+    """On the calibration tokens themselves, GPTQ's model is closer to the float model than RTN's."""
+    data = load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=64)
+    ref = make_tiny_llama()
+    errs = {}
+    for method in ("rtn", "gptq"):
+        m = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, method, data)
+        with torch.no_grad():
+            errs[method] = (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_singular_hessian_falls_back_to_rtn_with_advice():
+    data = load_calibration(TEXTS, make_tokenizer(), samples=1, seq_len=2)  # 2 tokens: H has rank <= 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "gptq", data,
+                                      options=CalibOptions(damp=0.0))
+    msgs = [str(w.message) for w in caught if "fell back to round-to-nearest" in str(w.message)]
+    assert msgs and "--damp" in msgs[0]
+    fell = m.lowbit_calibration["rtn_fallbacks"]
+    assert fell
+    plain = make_tiny_llama()
+    quantize_model(plain, W4)
+    name = fell[0]
+    assert torch.equal(m.get_submodule(name).qdata, plain.get_submodule(name).qdata)
+
+
+@pytest.mark.slow
+def test_w8a8_static_gets_input_scales_and_smoothquant_keeps_function(tiny_dir, tmp_path, ids):
+    out = tmp_path / "w8a8"
+    q = quantize_calibrated(str(tiny_dir), W8A8S, "smoothquant", TEXTS, samples=2, seq_len=48, out=out).model
+    lin = q.model.layers[0].mlp.down_proj
+    assert lin.input_scale.numel() == 1 and lin.input_scale.item() > 0
+    back = load_artifact(out)
+    torch.testing.assert_close(back.model(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+    ref = make_tiny_llama()(ids).logits
+    assert (back.model(ids).logits - ref).abs().mean() < 0.25 * ref.abs().mean()  # measured 0.12 on this random model
+
+
+def test_method_checks():
+    with pytest.raises(LowbitError, match="unknown"):
+        quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "magic", calib())
+    with pytest.raises(LowbitError, match="integer schemes"):
+        quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), "nf4", "gptq", calib())
+
+
+# -- calibration data -----------------------------------------------------------------------------
+def test_jsonl_text_and_messages(tmp_path):
+    f = tmp_path / "c.jsonl"
+    rows = [{"text": TEXTS[0]}, {"messages": [{"role": "user", "content": TEXTS[1]}]}, {"text": TEXTS[0]}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    d = load_calibration(str(f), make_tokenizer(), samples=100, seq_len=32)
+    assert d.ids.shape[1] == 32 and 1 <= d.ids.shape[0] < 100  # fewer windows than asked: what the text gives
+    assert d.stats["tokens"] == d.ids.numel()
+    assert d.stats["duplicate_share"] == pytest.approx(1 / 3)
+    assert 0 < d.stats["coverage"] <= 1
+
+
+@pytest.mark.parametrize("content,match", [("", "empty"), ("hi there", "fewer than one window"),
+                                           ('{"text": 1}\n', "line 1"), ("{oops\n", "not valid JSON")])
+def test_bad_calibration_files(tmp_path, content, match):
+    f = tmp_path / ("c.jsonl" if content.startswith("{") else "c.txt")
+    f.write_text(content)
+    with pytest.raises(LowbitError, match=match):
+        load_calibration(str(f), make_tokenizer(), samples=4, seq_len=64)
+
+
+def test_unknown_builtin_set():
+    with pytest.raises(LowbitError, match="built-in"):
+        load_calibration("no-such-set", make_tokenizer())
