@@ -33,7 +33,7 @@ from lowbit.formats import affine
 from lowbit.formats.qtensor import int_qtensor, quantize_tensor
 from lowbit.formats.spec import QuantSpec
 from lowbit.model.load import release_memory
-from lowbit.model.qlinear import QLinear
+from lowbit.model.qlinear import QLinear, prepare_model, share_embedding
 from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_kept, set_submodule
 from lowbit.recipe import Recipe
 
@@ -272,8 +272,10 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
             check_finite(p.name, lin.weight.detach())
             set_submodule(model, p.name, QLinear.from_linear(lin, p.spec))
             if getattr(model.config, "tie_word_embeddings", False):
+                share_embedding(model)  # a per-row head serves the embedding lookups, as quantize_model does
                 model.config.tie_word_embeddings = False
     round_kept(model, recipe.keep_dtype)
+    prepare_model(model)
     model.lowbit_plan = plans
     model.lowbit_recipe = replace(recipe, algorithm=method)
     model.lowbit_imatrix = imatrix
