@@ -16,10 +16,13 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
 
-# Every benchmark that writes docs/BENCHMARKS.md (about an hour on 2 cores).
+# Every benchmark that writes docs/BENCHMARKS.md (a few hours on 2 cores).
 bench: setup
 	.venv/bin/python benchmarks/presets.py
 	.venv/bin/python benchmarks/load_memory.py
 	.venv/bin/python benchmarks/gate.py
 	.venv/bin/python benchmarks/decode_speed.py --kv
 	.venv/bin/python benchmarks/decode_speed.py --model gemma3-270m
+	.venv/bin/python benchmarks/export.py
+	.venv/bin/python benchmarks/calibrated.py
+	.venv/bin/python benchmarks/calib_memory.py speed
