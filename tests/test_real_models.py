@@ -11,6 +11,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import perplexity, token_windows
 from lowbit.model.generate import complete
 from lowbit.model.load import load_model
+from lowbit.model.kernels import REDUCE_RANGE
 from lowbit.model.qlinear import QLinear
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,11 @@ def test_baseline_is_sane(smol, baseline_ppl):
 
 
 # ppl ceilings relative to FP32 measured on these tokens (see docs/BENCHMARKS.md for the full table)
-@pytest.mark.parametrize("preset, max_ratio", [("int8", 1.02), ("w8a8-dynamic", 1.06), ("fp8", 1.04),
+# w8a8-dynamic: on a CPU without VNNI its GEMM keeps 7-bit activations (lowbit.model.kernels.REDUCE_RANGE)
+W8A8_CEILING = 1.12 if REDUCE_RANGE else 1.06
+
+
+@pytest.mark.parametrize("preset, max_ratio", [("int8", 1.02), ("w8a8-dynamic", W8A8_CEILING), ("fp8", 1.04),
                                                ("w4-g32", 1.4), ("w4-g128", 1.45), ("nf4", 1.45)])
 def test_preset_on_bundled_model(preset, max_ratio, wiki_windows, baseline_ppl, english_words, tmp_path):
     loaded = load_model("smollm2-135m")
@@ -65,7 +70,7 @@ def test_preset_on_bundled_model(preset, max_ratio, wiki_windows, baseline_ppl, 
     assert baseline_ppl <= ppl * 1.01 and ppl < baseline_ppl * max_ratio, (ppl, baseline_ppl)
     lowbit.save(loaded.model, tmp_path / "art")
     back = load_model(tmp_path / "art")
-    assert sum(isinstance(m, QLinear) for m in back.model.modules()) == 210
+    assert sum(isinstance(m, QLinear) for m in back.model.modules()) == 211  # 7 per block and the head
     ids = wiki_windows[:1, :64]
     with torch.no_grad():
         assert torch.equal(back.model(ids).logits, loaded.model(ids).logits)

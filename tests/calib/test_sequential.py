@@ -12,6 +12,7 @@ import torch
 from lowbit.calib import CalibOptions, load_calibration, quantize_calibrated, quantize_model_calibrated
 from lowbit.errors import LowbitError
 from lowbit.model.load import load_artifact
+from lowbit.model.qlinear import prepare_model
 from lowbit.model.quantize import quantize_model
 from lowbit.recipe import Recipe, _int
 from tests.conftest import make_tiny_llama, make_tokenizer
@@ -87,7 +88,7 @@ def test_singular_hessian_falls_back_to_rtn_with_advice():
     plain = make_tiny_llama()
     quantize_model(plain, W4)
     name = fell[0]
-    assert torch.equal(m.get_submodule(name).qdata, plain.get_submodule(name).qdata)
+    assert torch.equal(m.get_submodule(name).qtensor().tensors["qdata"], plain.get_submodule(name).qtensor().tensors["qdata"])
 
 
 @pytest.mark.slow
@@ -98,6 +99,7 @@ def test_w8a8_static_gets_input_scales_and_smoothquant_keeps_function(tiny_dir, 
     assert lin.input_scale.numel() == 1 and lin.input_scale.item() > 0
     back = load_artifact(out)
     torch.testing.assert_close(back.model(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+    prepare_model(back.model, "reference")  # SmoothQuant's function, not the CPU kernel's rounding (tests/model/test_kernels.py)
     ref = make_tiny_llama()(ids).logits
     assert (back.model(ids).logits - ref).abs().mean() < 0.25 * ref.abs().mean()  # measured 0.12 on this random model
 
