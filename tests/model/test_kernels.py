@@ -30,11 +30,10 @@ REL_TOL = 1e-2
 
 
 def _tol(kernel: str) -> float:
-    """int8dyn on a CPU without VNNI keeps 7-bit activations (u8 x s8 pair sums would overflow int16),
-    which about doubles the activation rounding error of the 8-bit reference: 3% there."""
-    from lowbit.model.kernels import REDUCE_RANGE
-
-    return 3e-2 if kernel == "int8dyn" and REDUCE_RANGE else REL_TOL
+    """int8dyn rounds activations its own way: per-token-scaled, then asymmetric uint8 over the batch
+    (PyTorch's quantized linear), 7-bit on a CPU without VNNI (u8 x s8 pair sums would overflow int16).
+    Measured 1-1.5% from the symmetric per-token int8 reference: 3% allowed."""
+    return 3e-2 if kernel == "int8dyn" else REL_TOL
 
 
 def _rel(a, b):
