@@ -31,14 +31,14 @@ from lowbit.export.inspect import artifact_summary  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.recipe import PRESETS  # noqa: E402
 
+HEAD_NOTE = "The output head, tied to the embeddings and about a fifth of the parameters, is INT8 per row in every preset, and its rows serve the embedding lookups, so whole-model bits/weight are close to the linear layers' figure. The quantized rows run lowbit's CPU kernels as they stand on this machine (w8a8-dynamic: 7-bit activations on a CPU without VNNI, which is most of its loss here)."
+
 CAVEATS = {
     "smollm2-135m": "The bundled SmolLM2 weights were distributed as Q4_1 (4-bit, group 32, asymmetric with a float "
                     "minimum), so they already sit on a coarse 4-bit grid: 4-bit rows here look better than they "
-                    "would on a true FP16 checkpoint. Embeddings (tied with the output head) are kept in FP16 and "
-                    "are about a fifth of the parameters, which is why whole-model bits/weight stay well above the "
-                    "linear layers' figure.",
+                    "would on a true FP16 checkpoint. " + HEAD_NOTE,
     "gemma3-270m": "Gemma-3-270M was distributed as Q4_K_M GGUF (mostly Q5_0 here); 169M of its 268M parameters "
-                   "are embeddings, kept in FP16.",
+                   "are embeddings, tied to the head. " + HEAD_NOTE,
 }
 
 
