@@ -46,7 +46,7 @@ def _ftype(llama_cpp, gguf_type: str) -> int:
 
 
 def quantize(src: str | Path, dst: str | Path, gguf_type: str, imatrix: dict[str, np.ndarray] | None = None,
-             nthread: int = 2) -> dict[str, str]:
+             nthread: int = 2, allow_requantize: bool = False) -> dict[str, str]:
     """llama.cpp's quantizer: src (F32/F16 GGUF) -> dst, written atomically. Returns tensor name -> type."""
     llama_cpp = _llama_cpp()
     dst = Path(dst)
@@ -54,6 +54,7 @@ def quantize(src: str | Path, dst: str | Path, gguf_type: str, imatrix: dict[str
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = _ftype(llama_cpp, gguf_type)
+    params.allow_requantize = allow_requantize
     keep = []  # the float buffers must outlive the call
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # NULL-name terminated
@@ -99,11 +100,19 @@ def baseline_gguf(model: str = "smollm2-135m") -> Path:
     from lowbit.export.gguf import write_gguf
     from lowbit.model.load import load_model
 
+    from lowbit.export.gguf import SUPPORTED_ARCHS, source_gguf
+
     loaded = load_model(model)
     path = _cache() / f"{Path(str(model)).stem}-{loaded.source['sha256'][:12]}-F32.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(loaded.model, path, "F32", loaded.source, loaded.folder)
+        src = source_gguf(loaded.source)
+        if type(loaded.model).__name__ not in SUPPORTED_ARCHS and src is not None:
+            # an architecture lowbit's writer does not cover (Gemma 3): llama.cpp dequantizes the source
+            # GGUF itself; lowbit's baseline is the same blocks dequantized, so it is the same model
+            quantize(src, path, "F32", allow_requantize=True)
+        else:
+            write_gguf(loaded.model, path, "F32", loaded.source, loaded.folder)
     return path
 
 
