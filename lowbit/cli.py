@@ -220,6 +220,13 @@ def generate(
 
     if not prompt.strip():
         raise LowbitError("--prompt is empty; give some text to continue")
+    from lowbit.model.generate import ENGINES
+    from lowbit.runtime.kvcache import check_kind
+
+    if kv_cache is not None:  # bad options fail before the model loads
+        check_kind(kv_cache, "--kv-cache")
+    if engine not in ENGINES:
+        raise LowbitError(f"--engine: '{engine}' is unknown; use one of {', '.join(ENGINES)}")
     _quiet_transformers()
     with err.status(f"Loading {model} ..."):
         loaded = load_model(model, progress=lambda msg: err.print(msg))
