@@ -23,3 +23,17 @@ def read_data_file(path: str | Path, what: str, hint: str) -> Any:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise LowbitError(f"{what} {p}: is not valid {'JSON' if p.suffix == '.json' else 'YAML'} "
                           f"({str(e).splitlines()[0]}); fix the syntax") from None
+
+
+def iter_jsonl(lines: list[str], where: str):
+    """(line number, "<where> line N", object) for every non-blank line of a JSON-lines file; a line that
+    is not JSON is a LowbitError naming it. `where` names the file ("eval file x.jsonl:")."""
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        at = f"{where} line {n}"
+        try:
+            yield n, at, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LowbitError(f"{at}: not valid JSON ({e.msg} at column {e.colno}); "
+                              f"fix: write one complete JSON object per line") from None

@@ -8,12 +8,12 @@ short prompts are packed rather than padded.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lowbit.datafile import iter_jsonl
 from lowbit.errors import LowbitError
 
 # The evaluation (lowbit.eval.run, benchmarks) reads Wikipedia articles from the start of the dump;
@@ -65,14 +65,7 @@ def _render_messages(messages, tokenizer, where: str) -> str:
 
 def read_jsonl(path: Path, tokenizer) -> list[str]:
     texts = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"calibration file {path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LowbitError(f"{where}: not valid JSON ({e.msg}); fix: one JSON object per line") from None
+    for _, where, row in iter_jsonl(path.read_text(errors="replace").splitlines(), f"calibration file {path}"):
         if not isinstance(row, dict):
             raise LowbitError(f"{where}: expected a JSON object with a 'text' or 'messages' field")
         if isinstance(row.get("text"), str):

@@ -92,7 +92,6 @@ class LeanDecoder:
                 cos, sin = (model.model.rotary_emb(dummy, pos, t) if self.gemma else model.model.rotary_emb(dummy, pos))
                 self.rope[t] = (cos[0].to(self.dtype), sin[0].to(self.dtype))  # (max_len, head_dim)
         self.types = types
-        self.cos, self.sin = self.rope[types[0]]
         # norm weights once: Gemma's (1 + w) would otherwise be recomputed for every token
         self.norms = [{n: _norm_weight(getattr(layer, n)) for n in ("input_layernorm", "post_attention_layernorm",
                                                                     "pre_feedforward_layernorm", "post_feedforward_layernorm")

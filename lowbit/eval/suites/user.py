@@ -38,6 +38,7 @@ from pathlib import Path
 
 import jsonschema
 
+from lowbit.datafile import iter_jsonl
 from lowbit.errors import LowbitError
 from lowbit.eval.suites.tool_calling import GenerateFn, greedy, json_values
 from lowbit.eval.types import Case, SuiteResult
@@ -114,15 +115,7 @@ def load_items(path: str | Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise LowbitError(f"eval file {path}: cannot be read ({e}); fix: save it as UTF-8 JSON lines") from None
     items, seen = [], {}
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"eval file {path}: line {n}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LowbitError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                              f"fix: write one complete JSON object per line") from None
+    for n, where, obj in iter_jsonl(lines, f"eval file {path}:"):
         item = _item(obj, where, n)
         if item["id"] in seen:
             raise LowbitError(f"{where}: field 'id' {item['id']!r} repeats line {seen[item['id']]}; fix: make ids unique")
