@@ -197,19 +197,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters, buffers and kernel tensors in memory, each storage counted once (tied
-    embeddings share one; an int4pack QLinear holds its packed codes instead of qdata)."""
+    """Bytes of parameters and buffers in memory, each storage counted once (tied embeddings share
+    one); a QLinear counts what it holds now (QLinear.memory_bytes: kernel tensors, not qdata twice)."""
     from lowbit.model.qlinear import QLinear
 
-    seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [t for m in model.modules() if isinstance(m, QLinear) for t in m._packed.values() if isinstance(t, torch.Tensor)]
-    opaque = sum(m.in_features * m.out_features + 8 * m.out_features for m in model.modules()
-                 if isinstance(m, QLinear) and "linear" in m._packed)  # prepacked int8 GEMM weights
-    total += opaque
-    for t in tensors:
+    qlinears = [m for m in model.modules() if isinstance(m, QLinear)]
+    inside = {id(t) for m in qlinears for t in [*m._buffers.values(), *m._parameters.values()] if t is not None}
+    seen, total = set(), sum(m.memory_bytes for m in qlinears)
+    for t in list(model.parameters()) + list(model.buffers()):
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if key not in seen:
+        if id(t) not in inside and key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
