@@ -292,18 +292,21 @@ def _collect(layer, linears, xs, kwargs, device, hessian: bool, keep: int) -> di
     Linears that read the same tensor (q/k/v, gate/up) share one accumulator: it is found on the
     first sample by the identity of the input tensor and reused from then on."""
     stats: dict[str, LinearStats] = {}
-    seen: dict[tuple, str] = {}  # (data_ptr, shape) of this sample's inputs -> first Linear that read it
+    # (data_ptr, shape, stride) of this sample's inputs -> (first Linear that read it, the tensor). The
+    # tensor is held so that its memory cannot be freed and reused by a later, different input of the
+    # same shape during this sample: an address match then always means the very same tensor.
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}
     alias: dict[str, str] = {}
 
     def hook(name, x):
         if name in alias:
             return
         if name not in stats:
-            key = (x.data_ptr(), tuple(x.shape))
-            if key in seen and seen[key] != name:
-                alias[name] = seen[key]
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key in seen and seen[key][0] != name:
+                alias[name] = seen[key][0]
                 return
-            seen[key] = name
+            seen[key] = (name, x)
             stats[name] = LinearStats(x.shape[-1], hessian, keep, device)
         stats[name].add(x)
 

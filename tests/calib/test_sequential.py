@@ -135,3 +135,29 @@ def test_bad_calibration_files(tmp_path, content, match):
 def test_unknown_builtin_set():
     with pytest.raises(LowbitError, match="built-in"):
         load_calibration("no-such-set", make_tokenizer())
+
+
+class _TwoInputs(torch.nn.Module):
+    """a and b read one tensor; c reads a different tensor of the same shape, made after the first is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        h = x * 2.0
+        y = self.a(h) + self.b(h)
+        del h  # its memory is free for the next tensor of this shape
+        return self.c(y * 3.0)
+
+
+def test_statistics_are_shared_only_by_linears_reading_the_same_tensor():
+    from lowbit.calib.sequential import _collect
+
+    block = _TwoInputs()
+    xs = [torch.randn(1, 8, 16) for _ in range(3)]
+    for _ in range(20):  # the allocator hands freed memory back often; any single reuse used to alias c to a
+        stats = _collect(block, {"a": block.a, "b": block.b, "c": block.c}, xs, {}, torch.device("cpu"), True, 0)
+        assert stats["a"] is stats["b"] and stats["c"] is not stats["a"]
+        want = sum((x * 2).reshape(-1, 16).pow(2).sum(0) for x in xs)  # sum of squares of a's input
+        torch.testing.assert_close(stats["a"].sq.float(), want)
