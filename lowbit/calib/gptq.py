@@ -116,13 +116,20 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
 
 
 def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, col_zero) -> None:
-    """Quantize W's columns in place order into Q, spreading each column's error over the later ones."""
+    """Quantize W's columns in place order into Q, spreading each column's error over the later ones.
+
+    The per-column rounding is affine.quantize / affine.dequantize written out on (out,) vectors with
+    the group's parameters converted once: the same arithmetic, in a few ops instead of a few dozen
+    (this loop runs once per input column of every layer)."""
     rows, cols = W.shape
+    qmin, qmax = affine.qrange(cspec.bits, cspec.symmetric)
+    params = None if col_scale is None else _column_params(col_scale, col_zero)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()  # (out, bs) columns being quantized, updated in place
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1).tolist()
         for i in range(i2 - i1):
             c = i1 + i
             if group is not None and c % group == 0:  # a new group: qparams from its current (updated) columns
@@ -130,11 +137,30 @@ def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, co
                 col_scale, col_zero = affine.choose_qparams(span, cspec)  # (out, 1)
                 scales.append(col_scale)
                 zeros.append(col_zero)
-            col = W1[:, i : i + 1]  # (out, 1)
-            q = affine.quantize(col, col_scale, col_zero, cspec)
-            dq = affine.dequantize(q, col_scale, col_zero, cspec)
-            Q[:, c] = q[:, 0].to(torch.int16)
-            err = (col[:, 0] - dq[:, 0]) / U1[i, i]  # (out,)
+                params = _column_params(col_scale, col_zero)
+            s, z, m = params
+            col = W1[:, i]  # (out,)
+            if m is not None:  # float zero domain: q = round((x - m) / s), x_hat = s * q + m
+                q = torch.round((col - m) / s).clamp_(qmin, qmax)
+                dq = q * s + m
+            elif z is not None:  # int zero point: q = round(x / s) + z, x_hat = s * (q - z)
+                q = (torch.round(col / s) + z).clamp_(qmin, qmax)
+                dq = (q - z) * s
+            else:
+                q = torch.round(col / s).clamp_(qmin, qmax)
+                dq = q * s
+            Q[:, c] = q
+            err = (col - dq) / d[i]  # (out,)
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy update of the columns after this block
+
+
+def _column_params(scale, zero):
+    """(scale, int zero point or None, float offset or None) of one group as float (out,) vectors."""
+    s = scale.float()[:, 0]
+    if zero is None:
+        return s, None, None
+    if zero.is_floating_point():
+        return s, None, zero.float()[:, 0]
+    return s, zero.float()[:, 0], None
