@@ -1,17 +1,26 @@
 """Calibrated quantization side by side: RTN vs GPTQ vs AWQ (and SmoothQuant at W8A8), same model, same text.
 
     .venv/bin/python benchmarks/calibrated.py [--model smollm2-135m] [--schemes w4-g128,w3-g128,w8a8]
-        [--methods rtn,gptq,awq] [--samples 128] [--seq-len 512] [--tokens 4096] [--peers peers.json]
+        [--methods rtn,gptq,awq] [--samples 128] [--seq-len 512] [--tokens 4096]
+        [--llamacpp Q4_0,Q4_K_M,Q3_K_M,Q8_0] [--llmcompressor /path/to/venv/bin/python]
 
 Quality is measured like benchmarks/presets.py: the first --tokens tokens of the Wikipedia articles in
 the gensim wheel, in windows of 512, mean KL divergence and top-1 agreement against the FP32 model and
 perplexity. Calibration uses the built-in 'mix' set (Wikipedia articles from number 40 on, which the
 evaluation text never reaches, and the Python documentation), so no evaluated token is calibrated on.
 
-Peer rows (llama.cpp Q4_0 / Q4_K_M / Q8_0, GPTQModel, llm-compressor) join the same table through
-`peer_rows`: a JSON list given with --peers, each row measured on the token windows this script
-writes with --dump-tokens (so the peers see exactly the same tokens). Results replace the
-"calibrated-<model>" section of docs/BENCHMARKS.md.
+Peer rows are measured in the same run, on the same FP32 baseline and the same evaluation windows:
+
+- llama.cpp (llama-cpp-python, `--llamacpp Q4_0,Q4_K_M,...`): its own quantizer applied to the F32
+  GGUF of the baseline, once plainly and, for the K-quants, once with an importance matrix computed
+  on the same calibration tokens lowbit calibrates on; logits read through llama.cpp itself.
+- llm-compressor (`--llmcompressor PYTHON`, the python of a separate venv made by
+  benchmarks/peers/setup_llmcompressor.sh): its GPTQ on the same calibration token ids, saved as a
+  compressed-tensors checkpoint and evaluated through lowbit's importer.
+
+Bits/weight are over the decoder blocks' linear layers (the head and embeddings are set apart: every
+row here keeps them at 8 bits or more). Results replace the "calibrated-<model>" section of
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,21 +57,126 @@ SCHEMES = {
 }
 
 
-def peer_rows(path: Path | None) -> list[dict]:
-    """HOOK for peer tools: rows measured elsewhere on the same token windows (see --dump-tokens).
+def block_bits(summary: dict) -> float:
+    """Bits per weight of a lowbit artifact over the decoder blocks' quantized linear layers."""
+    rows = [r for r in summary["modules"] if ".layers." in r["name"] and not r["format"].startswith("kept")]
+    return 8 * sum(r["bytes"] for r in rows) / max(sum(r["in_features"] * r["out_features"] for r in rows), 1)
 
-    Each row: {"tool": "llama.cpp", "format": "Q4_K_M", "bits_per_weight": 4.9, "ppl": ..., "kld": ...,
-    "top1": ..., "seconds": ..., "note": "..."}; bits_per_weight is over the same quantized linears.
-    """
-    if path is None:
-        return []
-    rows = json.loads(Path(path).read_text())
-    need = {"tool", "format", "bits_per_weight", "ppl", "kld"}
-    for i, r in enumerate(rows):
-        missing = need - set(r)
-        if missing:
-            raise SystemExit(f"--peers {path}: row {i} lacks {', '.join(sorted(missing))}")
+
+def gguf_block_bits(path: Path) -> float:
+    """Bits per weight of a GGUF over the decoder blocks' 2-D (linear) tensors."""
+    from gguf import GGUFReader
+
+    ts = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in ts) / max(sum(int(t.n_elements) for t in ts), 1)
+
+
+def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor) -> list[dict]:
+    """llama.cpp's quantizer on the F32 GGUF of the same baseline, plain and with an imatrix from the
+    calibration tokens (K-quants), evaluated through llama.cpp's own logits."""
+    from lowbit.export import llamacpp
+
+    rows = []
+    t0 = time.perf_counter()
+    f32 = llamacpp.baseline_gguf(args.model)
+    imx = None
+    for gtype in [t for t in args.llamacpp.split(",") if t]:
+        for use_imatrix in ((False, True) if "_K" in gtype else (False,)):
+            t0 = time.perf_counter()
+            if use_imatrix:
+                if imx is None:
+                    from lowbit.export.gguf import imatrix_by_gguf_name
+
+                    stats = llamacpp.importance_matrix(base.model, list(calib_ids))
+                    imx = imatrix_by_gguf_name(stats, base.model.config.num_hidden_layers)
+                path = Path(tempfile.mkdtemp()) / f"{gtype}-imatrix.gguf"
+                llamacpp.quantize(f32, path, gtype, imx)
+            else:
+                path = llamacpp.llama_quantized(args.model, gtype)
+            seconds = time.perf_counter() - t0
+            lm = llamacpp.LlamaCppLM(path, n_ctx=windows.shape[1])
+            m = compare(base.model, lm, windows)
+            lm.close()
+            rows.append({"tool": "llama.cpp", "format": gtype + (" + imatrix (same calibration)" if use_imatrix else ""),
+                         "bits_per_weight": gguf_block_bits(path), "ppl": m["ppl"], "kld": m["kld"], "top1": m["top1"],
+                         "seconds": seconds if use_imatrix else None, "ppl_base": m["ppl_base"]})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def llmcompressor_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor, tmp: Path) -> list[dict]:
+    """llm-compressor's GPTQ, run in its own venv on the same calibration ids, read back by lowbit."""
+    import subprocess
+
+    from lowbit.model import sources
+    from lowbit.model.load import float_folder
+
+    folder, _ = float_folder(sources.resolve(args.model))
+    ids_file = tmp / "calib-ids.json"
+    ids_file.write_text(json.dumps(calib_ids.tolist()))
+    rows = []
+    for scheme, extra in (("W4A16", ["--group-size", "128", "--asymmetric"]), ("W4A16", ["--group-size", "128"])):
+        out = tmp / f"llmc-{scheme}-{len(rows)}"
+        t0 = time.perf_counter()
+        run = subprocess.run([args.llmcompressor, str(ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"),
+                              "--model", str(folder), "--calib", str(ids_file), "--scheme", scheme, *extra,
+                              "--out", str(out)], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if run.returncode != 0:
+            print(f"llm-compressor {scheme} {extra} failed:\n{run.stderr[-3000:]}", flush=True)
+            continue
+        info = json.loads(run.stdout.strip().splitlines()[-1])
+        model = load_model(str(out)).model
+        m = compare(base.model, model, windows)
+        label = f"GPTQ {scheme} g128 {'asym' if '--asymmetric' in extra else 'sym'} (llm-compressor {info.get('version', '?')})"
+        rows.append({"tool": "llm-compressor", "format": label, "bits_per_weight": ct_block_bits(out),
+                     "ppl": m["ppl"], "kld": m["kld"], "top1": m["top1"], "seconds": seconds, "ppl_base": m["ppl_base"],
+                     "peak_rss_mb": info.get("peak_rss_mb")})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    return rows
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The issue's quality goal: lowbit W4 g128 mean KLD <= 0.8x llama.cpp Q4_K_M's at no more bits/weight."""
+    ours = [r for r in rows if r["tool"] == "lowbit" and r["format"].startswith("w4-g128")]
+    theirs = [r for r in rows if r["tool"] == "llama.cpp" and r["format"].startswith("Q4_K_M")]
+    if not ours or not theirs:
+        return []
+    best = min(ours, key=lambda r: r["kld"])
+    out = ["", "Goal: lowbit W4 g128 mean KLD <= 0.8x llama.cpp Q4_K_M's at no more bits per weight."]
+    for t in theirs:
+        ratio = best["kld"] / t["kld"]
+        met = ratio <= 0.8 and best["bits_per_weight"] <= t["bits_per_weight"] + 1e-9
+        out.append(f"- best lowbit row ({best['format']}, {best['bits_per_weight']:.2f} bits) vs {t['format']} "
+                   f"({t['bits_per_weight']:.2f} bits): KLD {best['kld']:.4f} vs {t['kld']:.4f} = {ratio:.2f}x: "
+                   f"{'met' if met else 'not met'}")
+    return out
+
+
+def ct_block_bits(folder: Path) -> float:
+    """Bits per weight of a compressed-tensors checkpoint over the decoder blocks' linear layers."""
+    from safetensors import safe_open
+
+    nbytes, params = 0, 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if ".layers." not in k or "norm" in k:
+                    continue
+                t = st.get_slice(k)
+                shape = t.get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                nbytes += n * {"I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I64": 8}.get(t.get_dtype(), 4)
+                if k.endswith("weight_shape"):
+                    continue
+                if k.endswith(".weight_packed"):
+                    params += n * 8  # int32 words of eight 4-bit codes
+                elif k.endswith(".weight"):
+                    params += n
+    return 8 * nbytes / max(params, 1)
 
 
 def main() -> None:
@@ -74,8 +188,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib", default="mix")
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--peers", type=Path, default=None, help="JSON rows from peer tools (see peer_rows)")
-    ap.add_argument("--dump-tokens", type=Path, default=None, help="write the evaluation windows (JSON ids) and exit")
+    ap.add_argument("--llamacpp", default="Q4_0,Q4_K_M,Q3_K_M,Q8_0",
+                    help="llama.cpp types to measure in this run ('' to skip; needs llama-cpp-python)")
+    ap.add_argument("--llmcompressor", default=None,
+                    help="python of a venv with llm-compressor (benchmarks/peers/setup_llmcompressor.sh)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = ap.parse_args()
     import transformers
@@ -84,11 +200,10 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     base = load_model(args.model)
     windows = token_windows(base.tokenizer, wikipedia_text(), args.tokens, 512)  # (n, 512)
-    if args.dump_tokens:
-        args.dump_tokens.write_text(json.dumps(windows.tolist()))
-        print(f"wrote {windows.shape[0]} windows to {args.dump_tokens}")
-        return
     rows = []
+    from lowbit.calib import load_calibration
+
+    calib_ids = load_calibration(args.calib, base.tokenizer, args.samples, args.seq_len).ids
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
             rec = SCHEMES[scheme]
@@ -102,13 +217,18 @@ def main() -> None:
                 s = artifact_summary(out)
                 m = compare(base.model, loaded.model, windows)
                 rows.append({"tool": "lowbit", "format": f"{scheme} {method}", "label": rec.scheme.label,
-                             "bits_per_weight": s["linear_bits_per_weight"], "ppl": m["ppl"], "kld": m["kld"],
+                             "bits_per_weight": block_bits(s), "ppl": m["ppl"], "kld": m["kld"],
                              "top1": m["top1"], "seconds": seconds, "ppl_base": m["ppl_base"],
                              "fallbacks": len(loaded.model.lowbit_calibration["rtn_fallbacks"])})
                 print(json.dumps(rows[-1]), flush=True)
                 del loaded
                 write_table(args, rows, windows, final=False)  # a partial table survives an interrupted run
-    write_table(args, rows + peer_rows(args.peers), windows, final=True)
+        if args.llamacpp:
+            rows += llamacpp_rows(args, base, windows, calib_ids)
+            write_table(args, rows, windows, final=False)
+        if args.llmcompressor:
+            rows += llmcompressor_rows(args, base, windows, calib_ids, Path(tmp))
+    write_table(args, rows, windows, final=True)
 
 
 def write_table(args, rows: list[dict], windows: torch.Tensor, final: bool) -> None:
@@ -123,7 +243,9 @@ def write_table(args, rows: list[dict], windows: torch.Tensor, final: bool) -> N
         f"Calibration: built-in set '{args.calib}' ({args.samples} x {args.seq_len} tokens). Evaluation: the first "
         f"{windows.numel()} tokens of the Wikipedia articles in the gensim wheel ({windows.shape[0]} windows of 512), "
         f"KLD and top-1 per predicted token against the FP32 model; FP32 perplexity {base_ppl:.3f}. "
-        f"Bits/weight are over the quantized linear layers. Time includes reading the checkpoint and calibration.",
+        f"Bits/weight are over the decoder blocks' linear layers (scales and zero points included; every row keeps "
+        f"the head and embeddings at 8 bits or more). Time includes reading the checkpoint and calibration; "
+        f"llama.cpp's plain rows reuse cached files (no time), its imatrix rows time the imatrix and the quantizer.",
         "",
         "| tool | format | bits/weight | perplexity | mean KLD | KLD vs RTN, same scheme | top-1 | time |",
         "|---|---|---|---|---|---|---|---|",
@@ -135,14 +257,17 @@ def write_table(args, rows: list[dict], windows: torch.Tensor, final: bool) -> N
         top1 = f"{r['top1']:.3f}" if r.get("top1") is not None else "-"
         lines.append(f"| {r['tool']} | {r['format']} | {r['bits_per_weight']:.2f} | {r['ppl']:.3f} | {r['kld']:.4f} | "
                      f"{ratio} | {top1} | {t} |")
+    lines += goal_lines(rows)
     fell = sum(r.get("fallbacks", 0) for r in rows)
     lines += ["", CAVEATS.get(args.model, "")]
     if fell:
         lines += ["", f"{fell} module(s) fell back to round-to-nearest (Hessian not positive definite)."]
     if not final:
         lines += ["", f"Partial: the run was still going (or was stopped) after these {len(rows)} row(s)."]
-    if not args.peers:
-        lines += ["", "Peer rows (llama.cpp, GPTQModel, llm-compressor) are not in this run: pass them with --peers."]
+    if not args.llamacpp:
+        lines += ["", "llama.cpp rows are not in this run (--llamacpp '')."]
+    if not args.llmcompressor:
+        lines += ["", "llm-compressor rows are not in this run (no --llmcompressor venv given)."]
     write_section(args.out, f"calibrated-{args.model}", "\n".join(lines))
     print(f"wrote {args.out}")
 
