@@ -70,7 +70,9 @@ def artifact_state(model: torch.nn.Module, keep_dtype: str) -> dict[str, torch.T
         seen.add(key)
         owner = name.rpartition(".")[0]
         if owner in qnames and not name.endswith(".bias"):
-            state[name] = t.contiguous()
+            # a slice of a fused kernel tensor (FusedQLinear) is stored as its own copy
+            own = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            state[name] = t.contiguous() if own else t.clone()
         elif t.is_floating_point():
             c = t.to(dt)
             state[name] = (c if torch.isfinite(c).all() or not torch.isfinite(t).all() else t).contiguous()

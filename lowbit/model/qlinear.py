@@ -93,10 +93,10 @@ class QLinear(nn.Module):
             total += self.in_features * self.out_features + 8 * self.out_features
         tensors = [t for t in self._packed.values() if isinstance(t, torch.Tensor)]
         for t in [*self._buffers.values(), *tensors, *([self.bias] if self.bias is not None else [])]:
-            if t is None or t.untyped_storage().data_ptr() in seen:
+            if t is None or t.data_ptr() in seen:
                 continue
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()  # a slice of a fused tensor counts its own rows only
         return total
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -167,6 +167,78 @@ def prepare_model(model: nn.Module, kernel: str | None = None, warn: bool = True
         warnings.warn("lowbit: no fast CPU kernel, these run dequantize-then-matmul in bf16:\n  " + "\n  ".join(lines),
                       stacklevel=2)
     return plans
+
+
+class FusedQLinear:
+    """QLinears that read the same input (q/k/v, gate/up), run as one kernel call.
+
+    The kernel weights are concatenated along the output rows once, and each module's own kernel
+    weight becomes a slice of the concatenation, so memory is not doubled and the modules still run
+    (and save) on their own. `fuse` returns None when the modules cannot share a call: different
+    formats or kernels, a bias, or different act-order permutations."""
+
+    KERNELS = ("int4pack", "int8pack")
+
+    def __init__(self, mods: list[QLinear], packed: dict[str, torch.Tensor]) -> None:
+        self.mods, self.packed = mods, packed
+        self.plan = mods[0].plan
+        self.sizes = [m.out_features for m in mods]
+        self.out_features = sum(self.sizes)
+
+    @classmethod
+    def fuse(cls, mods: list[QLinear]) -> "FusedQLinear | None":
+        if len(mods) < 2 or not all(isinstance(m, QLinear) and m.plan is not None for m in mods):
+            return None
+        p0 = mods[0].plan
+        if p0.name not in cls.KERNELS or any(m.plan != p0 or m.spec != mods[0].spec or m.bias is not None
+                                             or m.in_features != mods[0].in_features for m in mods):
+            return None
+        perms = [m._packed.get("perm") for m in mods]
+        if any((p is None) != (perms[0] is None) or (p is not None and not torch.equal(p, perms[0])) for p in perms):
+            return None
+        w = torch.cat([m._packed["w"] for m in mods])
+        packed = {"w": w}
+        if p0.name == "int8pack":
+            packed["s"] = torch.cat([m._packed["s"] for m in mods])
+        else:
+            packed["sz"] = torch.cat([m._packed["sz"] for m in mods], dim=1)
+        if perms[0] is not None:
+            packed["perm"] = perms[0]
+        start = 0
+        for m in mods:  # each module's weight becomes its rows of the concatenation
+            n = m.out_features
+            m._packed["w"] = w[start:start + n]
+            if p0.name == "int8pack":  # int8pack's weight is the stored codes themselves: share them too
+                m._packed["s"] = packed["s"][start:start + n]
+                m._buffers["qdata"] = m._packed["w"]
+            start += n
+        return cls(mods, packed)
+
+    def current(self) -> bool:
+        """False once a module was re-prepared (its kernel weight is no longer a slice of ours)."""
+        w = self.packed["w"]
+        row = w.stride(0) * w.element_size()
+        start = 0
+        for m, n in zip(self.mods, self.sizes):
+            if m.plan != self.plan or m._packed.get("w") is None or m._packed["w"].data_ptr() != w.data_ptr() + start * row:
+                return False
+            start += n
+        return True
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = kernels.run(self.plan, self.packed, None, x, None, self.out_features)
+        return list(y.split(self.sizes, dim=-1))
+
+
+def fused(owner: nn.Module, names: tuple[str, ...]) -> FusedQLinear | None:
+    """The FusedQLinear of owner's submodules `names` (built once and kept on the owner), or None."""
+    key = "_lowbit_fused_" + "_".join(names)
+    f = owner.__dict__.get(key)
+    if f is not None and f.current():
+        return f
+    f = FusedQLinear.fuse([getattr(owner, n) for n in names])
+    owner.__dict__[key] = f
+    return f
 
 
 def _names_hint(names: list[str], n: int = 3) -> str:

@@ -5,7 +5,8 @@ spends most of each step building masks, cache objects and logits processors (PE
 for HF generate against 52 for llama.cpp at FP32). This loop runs a Llama-layout decoder with:
 
 - static KV buffers per layer (float, or int8/fp8 with a scale per token and head), written in place;
-- the model's own modules for every matmul (so QLinear's fast kernels are used) and its own rotary
+- the model's own modules for every matmul (so QLinear's fast kernels are used; q/k/v and gate/up
+  of a quantized model share one kernel call where their formats match) and its own rotary
   embedding to precompute cos/sin once (so every rope-scaling variant the model supports is right);
 - F.rms_norm and F.scaled_dot_product_attention (GQA without repeating K/V);
 - logits for the last position only.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.model.qlinear import fused
 from lowbit.runtime.kvcache import check_kind, dequantize_kv, quantize_kv
 
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
@@ -99,6 +101,9 @@ class LeanDecoder:
         self.qk_norms = [(_norm_weight(layer.self_attn.q_norm), _norm_weight(layer.self_attn.k_norm))
                          if hasattr(layer.self_attn, "q_norm") else None for layer in self.layers]
         self.final_norm = _norm_weight(model.model.norm)
+        # q/k/v and gate/up of quantized models as one kernel call each, where their formats allow
+        self.qkv = [fused(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
+        self.gate_up = [fused(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.length = 0
         self.key_mask: torch.Tensor | None = None  # (batch, max_len) bool, with left padding
@@ -174,9 +179,13 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             attn, norms = layer.self_attn, self.norms[i]
             x = self._rms(h, norms["input_layernorm"])
-            q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
-            k = attn.k_proj(x).view(B, T, KV, D).transpose(1, 2)
-            v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](x)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            k = k.view(B, T, KV, D).transpose(1, 2)
+            v = v.view(B, T, KV, D).transpose(1, 2)
             if self.qk_norms[i] is not None:
                 q, k = self._rms(q, self.qk_norms[i][0]), self._rms(k, self.qk_norms[i][1])
             cos, sin = ropes[self.types[i]]
@@ -192,12 +201,14 @@ class LeanDecoder:
             if self.gemma:
                 h = h + self._rms(o, norms["post_attention_layernorm"])
                 x = self._rms(h, norms["pre_feedforward_layernorm"])
-                y = mlp.down_proj(F.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x))
+                g, u = self.gate_up[i](x) if self.gate_up[i] is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+                y = mlp.down_proj(F.gelu(g, approximate="tanh") * u)
                 h = h + self._rms(y, norms["post_feedforward_layernorm"])
             else:
                 h = h + o
                 x = self._rms(h, norms["post_attention_layernorm"])
-                h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+                g, u = self.gate_up[i](x) if self.gate_up[i] is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+                h = h + mlp.down_proj(F.silu(g) * u)
         self.length = end
         logits = self.model.lm_head(self._rms(h[:, -1], self.final_norm)).float()
         if self.softcap:

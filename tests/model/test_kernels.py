@@ -135,6 +135,33 @@ def test_lean_decode_equals_transformers_greedy(ids):
                            _hf_greedy(model, ids, 24, repetition_penalty=1.1))
 
 
+@pytest.mark.parametrize("preset", ["int8", "w4-g32"])
+def test_lean_decode_fuses_projections_without_changing_tokens_or_memory(ids, preset, tmp_path):
+    """q/k/v and gate/up run as one kernel call each: same tokens as transformers' generate over the
+    separate modules, same bytes held, and the modules still save the same tensors."""
+    from tests.conftest import make_tiny_llama, make_tokenizer
+    from lowbit.export.native import save_artifact
+    from lowbit.model.quantize import quantize_model
+    from lowbit.recipe import PRESETS
+    from lowbit.runtime.decode import LeanDecoder, lean_generate
+
+    model = make_tiny_llama()
+    quantize_model(model, PRESETS[preset])
+    held = sum(m.memory_bytes for m in model.modules() if isinstance(m, QLinear))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    dec = LeanDecoder(model, 1, 64)
+    assert all(f is not None for f in dec.qkv + dec.gate_up)
+    assert dec.qkv[0].plan.name == ("int8pack" if preset == "int8" else "int4pack")
+    with torch.no_grad():
+        assert torch.equal(lean_generate(model, ids, 16, decoder=dec), _hf_greedy(model, ids, 16))
+    assert sum(m.memory_bytes for m in model.modules() if isinstance(m, QLinear)) == held
+    after = model.state_dict()
+    assert after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)
+    save_artifact(model, make_tokenizer(), tmp_path / "art", {})  # slices of the fused tensors save on their own
+    back = load_artifact(tmp_path / "art").model.state_dict()
+    assert all(torch.equal(back[k], saved[k]) for k in saved)
+
+
 def test_lean_decode_left_padded_batch_equals_single_rows():
     from tests.conftest import make_tiny_llama
     from lowbit.runtime.decode import lean_generate
