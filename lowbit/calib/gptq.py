@@ -62,30 +62,45 @@ def _column_spec(spec: QuantSpec) -> QuantSpec:
     return replace(spec, granularity="channel", group_size=None)
 
 
+def factorise(H: torch.Tensor, damp: float, act_order: bool, device=None):
+    """(perm or None, dead inputs, upper Cholesky factor of the damped inverse) of one Hessian.
+    Linears reading the same input (q/k/v, gate/up) share H, so callers may reuse the result."""
+    H = H.to(device or H.device).float()
+    perm = None
+    if act_order:  # a permuted copy; the caller's H is left as it was
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H.index_select(0, perm).index_select(1, perm)
+    else:
+        H = H.clone()
+    dead = torch.diag(H) == 0  # inputs never active: any value works, zero them
+    H[dead, dead] = 1
+    return perm, dead, inverse_cholesky(H, damp)  # (in, in), raises HessianError
+
+
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False) -> QTensor:
+                  act_order: bool = False, factors: dict | None = None) -> QTensor:
     """GPTQ-quantize w (out, in) against Hessian H (in, in); returns an int QTensor.
 
     act_order: quantize columns in order of decreasing diag(H) (most important first). With group-wise
     scales the stored columns stay in that order and the QTensor carries `perm`, so groups are
     contiguous in storage and the runtime needs one input gather, not a per-column group index.
+    factors: a dict kept with H by the caller; the factorisation is computed once into it and reused
+    by every Linear quantized against the same H.
     """
     if spec.kind != "int":
         raise ValueError(f"GPTQ needs an integer format, got {spec.kind}")
     W = w.detach().float().clone()  # (out, in)
-    H = H.to(W.device).float()
     rows, cols = W.shape
-    perm = None
-    if act_order:  # a permuted copy; the caller's H is left as it was
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H.index_select(0, perm).index_select(1, perm)
+    key = (damp, act_order)
+    if factors is not None and key in factors:
+        perm, dead, U = factors[key]
     else:
-        H = H.clone()
-    dead = torch.diag(H) == 0  # inputs never active: any value works, zero them
-    H[dead, dead] = 1
+        perm, dead, U = factorise(H, damp, act_order, W.device)
+        if factors is not None:
+            factors[key] = (perm, dead, U)
+    if perm is not None:
+        W = W[:, perm]
     W[:, dead] = 0
-    U = inverse_cholesky(H, damp)  # (in, in), raises HessianError
-    del H
     cspec = _column_spec(spec)
     group = spec.group_size if spec.granularity == "group" else None
     if group is None:  # one set of qparams for the whole row (or tensor), from the original weights
@@ -133,7 +148,8 @@ def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, co
         for i in range(i2 - i1):
             c = i1 + i
             if group is not None and c % group == 0:  # a new group: qparams from its current (updated) columns
-                span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]  # (out, group)
+                left = i2 - c  # columns of this group still in the block; the rest come after it
+                span = W1[:, i:i + group] if left >= group else torch.cat([W1[:, i:], W[:, i2:i2 + group - left]], dim=1)
                 col_scale, col_zero = affine.choose_qparams(span, cspec)  # (out, 1)
                 scales.append(col_scale)
                 zeros.append(col_zero)

@@ -139,6 +139,7 @@ class LinearStats:
         self.absmax = torch.zeros(in_features, device=device)
         self.n = 0
         self.H = gptq.Hessian.empty(in_features, device) if hessian else None
+        self.factors: dict = {}  # GPTQ's factorisation of H, shared by the Linears reading this input
         self.keep_rows = keep_rows
         self.rows: list[torch.Tensor] = []
         self.gen = torch.Generator().manual_seed(0)
@@ -247,7 +248,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
                 if forward:
                     imatrix[bprefix + n] = stats[n].importance().cpu()
                 if not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:]):
-                    stats[n].H = None  # last reader of this Hessian: free it before the next, wider one
+                    stats[n].H, stats[n].factors = None, {}  # last reader of this Hessian: free it before the next, wider one
                     release_memory()
             del stats
             # The quantized block's outputs feed the next block. Weight-only layers run as float Linears
@@ -371,7 +372,7 @@ def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, 
     qt = None
     if method == "gptq":
         try:
-            qt = gptq.gptq_quantize(w, st.H.H, spec, options.block_size, options.damp, options.act_order)
+            qt = gptq.gptq_quantize(w, st.H.H, spec, options.block_size, options.damp, options.act_order, st.factors)
         except gptq.HessianError as e:
             warnings.warn(f"module {name}: GPTQ could not run ({e}); this layer fell back to round-to-nearest. "
                           f"Fix: raise the dampening (--damp, now {options.damp}), or calibrate on more and more "
