@@ -1,6 +1,6 @@
 """Calibrated quantization side by side: RTN vs GPTQ vs AWQ (and SmoothQuant at W8A8), same model, same text.
 
-    .venv/bin/python benchmarks/calibrated.py [--model smollm2-135m] [--schemes w4-g128,w3-g128,w8a8]
+    .venv/bin/python benchmarks/calibrated.py [--model smollm2-135m] [--schemes w4-g128,w3-g128,w8a8,w4-g32:gptq]
         [--methods rtn,gptq,awq] [--samples 128] [--seq-len 512] [--tokens 4096]
         [--llamacpp Q4_0,Q4_K_M,Q3_K_M,Q8_0] [--llmcompressor /path/to/venv/bin/python]
 
@@ -54,6 +54,7 @@ SCHEMES = {
     "w3-g128": Recipe(name="w3-g128", scheme=_int(3, "group", 128, symmetric=False, scale_dtype="float16"),
                       group_fallback="shrink", description="INT3 asymmetric, groups of 128"),
     "w8a8": PRESETS["w8a8-dynamic"],
+    "w4-g32": PRESETS["w4-g32"],
 }
 
 
@@ -115,7 +116,8 @@ def llmcompressor_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tenso
     ids_file = tmp / "calib-ids.json"
     ids_file.write_text(json.dumps(calib_ids.tolist()))
     rows = []
-    for scheme, extra in (("W4A16", ["--group-size", "128", "--asymmetric"]), ("W4A16", ["--group-size", "128"])):
+    # asymmetric g128 is lowbit's w4-g128; groups that do not divide a row shrink in both tools
+    for scheme, extra in (("W4A16", ["--group-size", "128", "--asymmetric", "--threads", str(torch.get_num_threads())]),):
         out = tmp / f"llmc-{scheme}-{len(rows)}"
         t0 = time.perf_counter()
         run = subprocess.run([args.llmcompressor, str(ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"),
@@ -128,7 +130,8 @@ def llmcompressor_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tenso
         info = json.loads(run.stdout.strip().splitlines()[-1])
         model = load_model(str(out)).model
         m = compare(base.model, model, windows)
-        label = f"GPTQ {scheme} g128 {'asym' if '--asymmetric' in extra else 'sym'} (llm-compressor {info.get('version', '?')})"
+        label = (f"GPTQ {scheme} g128 {'asym' if '--asymmetric' in extra else 'sym'}, head kept FP32 "
+                 f"(llm-compressor {info.get('version', '?')})")
         rows.append({"tool": "llm-compressor", "format": label, "bits_per_weight": ct_block_bits(out),
                      "ppl": m["ppl"], "kld": m["kld"], "top1": m["top1"], "seconds": seconds, "ppl_base": m["ppl_base"],
                      "peak_rss_mb": info.get("peak_rss_mb")})
@@ -182,7 +185,8 @@ def ct_block_bits(folder: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--schemes", default="w4-g128,w3-g128,w8a8,w4-g32:gptq",
+                    help="comma-separated; SCHEME:M1+M2 runs only those methods for that scheme")
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -205,9 +209,11 @@ def main() -> None:
 
     calib_ids = load_calibration(args.calib, base.tokenizer, args.samples, args.seq_len).ids
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in args.schemes.split(","):
+        for item in args.schemes.split(","):
+            scheme, _, only = item.partition(":")  # "w4-g32:gptq+awq" runs those methods only
             rec = SCHEMES[scheme]
-            methods = args.methods.split(",") + (["smoothquant"] if scheme == "w8a8" and "rtn" in args.methods else [])
+            methods = only.split("+") if only else args.methods.split(",")
+            methods += ["smoothquant"] if scheme == "w8a8" and "rtn" in methods else []
             for method in methods:
                 t0 = time.perf_counter()
                 out = Path(tmp) / f"{scheme}-{method}"
