@@ -24,5 +24,6 @@ bench: setup
 	.venv/bin/python benchmarks/decode_speed.py --kv
 	.venv/bin/python benchmarks/decode_speed.py --model gemma3-270m
 	.venv/bin/python benchmarks/export.py
-	.venv/bin/python benchmarks/calibrated.py
+	test -x .peers/llmc-venv/bin/python || bash benchmarks/peers/setup_llmcompressor.sh .peers/llmc-venv
+	.venv/bin/python benchmarks/calibrated.py --samples 32 --llmcompressor .peers/llmc-venv/bin/python
 	.venv/bin/python benchmarks/calib_memory.py speed
