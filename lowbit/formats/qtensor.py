@@ -119,4 +119,8 @@ def dequantize_tensor(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.
 
 def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize then dequantize: what the model will compute with, in w's dtype."""
+    if spec.kind == "int":  # the same rounding without packing the codes only to unpack them
+        w = _as_2d(w).detach()
+        scale, zero = affine.choose_qparams(w, spec)
+        return affine.dequantize(affine.quantize(w, scale, zero, spec), scale, zero, spec, w.dtype)
     return dequantize_tensor(quantize_tensor(w, spec), w.dtype)
