@@ -64,12 +64,17 @@ def block_bits(summary: dict) -> float:
     return 8 * sum(r["bytes"] for r in rows) / max(sum(r["in_features"] * r["out_features"] for r in rows), 1)
 
 
-def gguf_block_bits(path: Path) -> float:
-    """Bits per weight of a GGUF over the decoder blocks' 2-D (linear) tensors."""
+def gguf_block_bits(path: Path) -> tuple[float, str]:
+    """Bits per weight of a GGUF over the decoder blocks' 2-D (linear) tensors, and how many of those
+    tensors each GGUF type holds (llama.cpp falls back to other types for rows a K-quant cannot split)."""
+    from collections import Counter
+
     from gguf import GGUFReader
 
     ts = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    return 8 * sum(int(t.n_bytes) for t in ts) / max(sum(int(t.n_elements) for t in ts), 1)
+    types = Counter(t.tensor_type.name for t in ts)
+    mix = ", ".join(f"{k} x{v}" for k, v in types.most_common())
+    return 8 * sum(int(t.n_bytes) for t in ts) / max(sum(int(t.n_elements) for t in ts), 1), mix
 
 
 def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor) -> list[dict]:
@@ -98,8 +103,9 @@ def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor) ->
             lm = llamacpp.LlamaCppLM(path, n_ctx=windows.shape[1])
             m = compare(base.model, lm, windows)
             lm.close()
+            bits, mix = gguf_block_bits(path)
             rows.append({"tool": "llama.cpp", "format": gtype + (" + imatrix (same calibration)" if use_imatrix else ""),
-                         "bits_per_weight": gguf_block_bits(path), "ppl": m["ppl"], "kld": m["kld"], "top1": m["top1"],
+                         "types": mix, "bits_per_weight": bits, "ppl": m["ppl"], "kld": m["kld"], "top1": m["top1"],
                          "seconds": seconds if use_imatrix else None, "ppl_base": m["ppl_base"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -263,6 +269,11 @@ def write_table(args, rows: list[dict], windows: torch.Tensor, final: bool) -> N
         top1 = f"{r['top1']:.3f}" if r.get("top1") is not None else "-"
         lines.append(f"| {r['tool']} | {r['format']} | {r['bits_per_weight']:.2f} | {r['ppl']:.3f} | {r['kld']:.4f} | "
                      f"{ratio} | {top1} | {t} |")
+    mixes = {r["format"].split()[0]: r["types"] for r in rows if r.get("types")}
+    if mixes:
+        lines += ["", "Tensor types llama.cpp chose for the decoder blocks' linear layers (a K-quant needs rows "
+                  "that are a multiple of 256 and falls back to another type otherwise): "
+                  + "; ".join(f"{k}: {v}" for k, v in mixes.items()) + "."]
     lines += goal_lines(rows)
     fell = sum(r.get("fallbacks", 0) for r in rows)
     lines += ["", CAVEATS.get(args.model, "")]
