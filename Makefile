@@ -5,7 +5,8 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/lowbit quantize --model smollm2-135m --recipe w4-g128 --out out/smollm2-w4 --force
+	.venv/bin/lowbit quantize --model smollm2-135m --recipe w4-g128 --method gptq --calib mix --samples 16 --seq-len 256 \
+		--out out/smollm2-w4 --force
 	.venv/bin/lowbit info out/smollm2-w4
 	.venv/bin/lowbit generate out/smollm2-w4 --prompt "What is the capital of France?"
 
