@@ -119,8 +119,8 @@ def speed(args) -> None:
         f"## GPTQ time and memory on {args.model}",
         "",
         f"Written by `benchmarks/calib_memory.py speed --model {args.model} --samples {args.samples} --seq-len "
-        f"{args.seq_len}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs, shared with other jobs while it ran, "
-        f"so the time is pessimistic): `lowbit quantize --recipe w4-g128 --method gptq` in a child process.",
+        f"{args.seq_len}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPUs of a shared machine; "
+        f"other load is not controlled): `lowbit quantize --recipe w4-g128 --method gptq` in a child process.",
         "",
         "| calibration | wall time (whole command) | of which calibrated loop | peak RSS |",
         "|---|---|---|---|",
