@@ -31,7 +31,7 @@ from lowbit.export.inspect import artifact_summary  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.recipe import PRESETS  # noqa: E402
 
-HEAD_NOTE = "The output head, tied to the embeddings and about a fifth of the parameters, is INT8 per row in every preset, and its rows serve the embedding lookups, so whole-model bits/weight are close to the linear layers' figure. The quantized rows run lowbit's CPU kernels as they stand on this machine (w8a8-dynamic: 7-bit activations on a CPU without VNNI, which is most of its loss here)."
+HEAD_NOTE = "The output head, tied to the embeddings, is INT8 per row in every preset, and its rows serve the embedding lookups, so whole-model bits/weight are close to the linear layers' figure. The quantized rows run lowbit's CPU kernels as they stand on this machine (w8a8-dynamic: 7-bit activations on a CPU without VNNI, which is most of its loss here)."
 
 CAVEATS = {
     "smollm2-135m": "The bundled SmolLM2 weights were distributed as Q4_1 (4-bit, group 32, asymmetric with a float "
