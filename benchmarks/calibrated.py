@@ -77,13 +77,12 @@ def gguf_block_bits(path: Path) -> tuple[float, str]:
     return 8 * sum(int(t.n_bytes) for t in ts) / max(sum(int(t.n_elements) for t in ts), 1), mix
 
 
-def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor) -> list[dict]:
+def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor, tmp: Path) -> list[dict]:
     """llama.cpp's quantizer on the F32 GGUF of the same baseline, plain and with an imatrix from the
     calibration tokens (K-quants), evaluated through llama.cpp's own logits."""
     from lowbit.export import llamacpp
 
     rows = []
-    t0 = time.perf_counter()
     f32 = llamacpp.baseline_gguf(args.model)
     imx = None
     for gtype in [t for t in args.llamacpp.split(",") if t]:
@@ -95,7 +94,7 @@ def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor) ->
 
                     stats = llamacpp.importance_matrix(base.model, list(calib_ids))
                     imx = imatrix_by_gguf_name(stats, base.model.config.num_hidden_layers)
-                path = Path(tempfile.mkdtemp()) / f"{gtype}-imatrix.gguf"
+                path = tmp / f"{gtype}-imatrix.gguf"
                 llamacpp.quantize(f32, path, gtype, imx)
             else:
                 path = llamacpp.llama_quantized(args.model, gtype)
@@ -165,26 +164,19 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 def ct_block_bits(folder: Path) -> float:
     """Bits per weight of a compressed-tensors checkpoint over the decoder blocks' linear layers."""
-    from safetensors import safe_open
+    from lowbit.export.inspect import _BYTES, _header, _numel
 
     nbytes, params = 0, 0
     for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if ".layers." not in k or "norm" in k:
-                    continue
-                t = st.get_slice(k)
-                shape = t.get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                nbytes += n * {"I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I64": 8}.get(t.get_dtype(), 4)
-                if k.endswith("weight_shape"):
-                    continue
-                if k.endswith(".weight_packed"):
-                    params += n * 8  # int32 words of eight 4-bit codes
-                elif k.endswith(".weight"):
-                    params += n
+        for k, v in _header(f).items():
+            if ".layers." not in k or "norm" in k or k.endswith("weight_shape"):
+                continue
+            n = _numel(v["shape"])
+            nbytes += n * _BYTES.get(v["dtype"], 4)
+            if k.endswith(".weight_packed"):
+                params += n * 8  # int32 words of eight 4-bit codes
+            elif k.endswith(".weight"):
+                params += n
     return 8 * nbytes / max(params, 1)
 
 
@@ -236,7 +228,7 @@ def main() -> None:
                 del loaded
                 write_table(args, rows, windows, final=False)  # a partial table survives an interrupted run
         if args.llamacpp:
-            rows += llamacpp_rows(args, base, windows, calib_ids)
+            rows += llamacpp_rows(args, base, windows, calib_ids, Path(tmp))
             write_table(args, rows, windows, final=False)
         if args.llmcompressor:
             rows += llmcompressor_rows(args, base, windows, calib_ids, Path(tmp))
