@@ -23,6 +23,7 @@ same Wikipedia tokens for both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -40,6 +41,7 @@ from lowbit.data.corpora import wikipedia_text  # noqa: E402
 from lowbit.model.generate import pick_engine  # noqa: E402
 from lowbit.model import sources  # noqa: E402
 from lowbit.model.load import float_folder, load_model, load_tokenizer  # noqa: E402
+from lowbit import native  # noqa: E402
 from lowbit.model.qlinear import QLinear, kernel_summary  # noqa: E402
 from benchmarks.presets import write_section  # noqa: E402
 
@@ -98,17 +100,18 @@ def lowbit_model(name: str, row: str):
 @torch.inference_mode()
 def time_lowbit(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) for a (batch, T) prompt."""
-    from lowbit.runtime.decode import LeanDecoder
+    from lowbit.runtime.decode import LeanDecoder, decoding
 
     B, T = prompt.shape
-    if pick_engine(model) == "lean":
+    if pick_engine(model) == "lean":  # what lean_generate does: prefill, then steps inside decoding()
         dec = LeanDecoder(model, B, T + new_tokens + 1)
         t0 = time.perf_counter()
         logits = dec.prefill(prompt)
         t1 = time.perf_counter()
         nxt = logits.argmax(-1, keepdim=True)
-        for _ in range(new_tokens - 1):
-            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+        with decoding(dec):
+            for _ in range(new_tokens - 1):
+                nxt = dec.step(nxt).argmax(-1, keepdim=True)
         t2 = time.perf_counter()
     else:  # transformers' forward with its dynamic cache
         t0 = time.perf_counter()
@@ -120,6 +123,48 @@ def time_lowbit(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, fl
             cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
     return B * T / (t1 - t0), B * (new_tokens - 1) / (t2 - t1)
+
+
+@torch.inference_mode()
+def native_divergence(models: dict, text_ids: list[int], prompt: int = 128, steps: int = 128) -> dict:
+    """What the native path costs in quality: teacher-forced decode steps over Wikipedia, each quantized
+    row once through lowbit's native code (int8 activations in blocks of 32) and once through torch's
+    kernels (bf16 activations), both against the FP32 model. Mean KLD and top-1 agreement."""
+    from lowbit.runtime.decode import LeanDecoder, decoding
+
+    ids = torch.tensor([text_ids[:prompt + steps]])
+
+    def run(model, use_native: bool) -> tuple[torch.Tensor, bool]:
+        ctx = native.disabled() if not use_native else contextlib.nullcontext()
+        with ctx:
+            dec = LeanDecoder(model, 1, prompt + steps + 1)
+            out = [dec.prefill(ids[:, :prompt])]
+            with decoding(dec):
+                for i in range(prompt, prompt + steps - 1):
+                    out.append(dec.step(ids[:, i:i + 1]))
+        return torch.cat(out).float().log_softmax(-1), dec.native is not None
+
+    base, _ = run(models["fp32"], False)
+    res = {}
+    for row in ("int8", "w4-g128"):
+        for use in (True, False):
+            lq, used = run(models[row], use)
+            res[(row, use)] = {"kld": (base.exp() * (base - lq)).sum(-1).mean().item(),
+                               "top1": (base.argmax(-1) == lq.argmax(-1)).float().mean().item(), "native_step": used}
+    return {"steps": steps, "prompt": prompt, "rows": res}
+
+
+def engine_of(model, batch: int) -> str:
+    """Which loop a row's decode steps ran in."""
+    from lowbit.runtime.decode import LeanDecoder
+
+    if pick_engine(model) != "lean":
+        return "hf loop"
+    if LeanDecoder(model, batch, 8).native is not None:
+        return "native step"
+    small = native.available() and any(isinstance(m, QLinear) and m.plan is not None and m.plan.name in
+                                       ("int4pack", "int8pack") for m in model.modules())
+    return "lean loop" + (f" (native kernels for <= {native.MAX_ROWS} rows)" if small else "")
 
 
 class LlamaRow:
@@ -239,7 +284,7 @@ def main() -> None:
             nbytes = matmul_bytes(model)
             kernels = kernel_summary({n: m.plan for n, m in model.named_modules() if isinstance(m, QLinear) and m.plan})
             how = (", ".join(sorted(kernels)) or ("bf16 F.linear" if name == "bf16" else "fp32 F.linear")) + \
-                f"; {pick_engine(model)} loop"
+                f"; {engine_of(model, b)}"
         else:
             nbytes, how = llama[name].weight_bytes(), "llama-cpp-python 0.3.36"
         gbs = nbytes * dec / 1e9 if b == 1 else None
@@ -263,11 +308,22 @@ def main() -> None:
     if goals:
         body += ["Goals of issue 5 (batch-1 decode):", *goals, ""]
     body += ["Notes: quantized rows are the presets quantized in memory (the same tensors a saved artifact "
-             "reloads); their modules run the kernel named (int8pack / int4pack: bf16 activations; int8dyn: "
-             "per-token-scaled int8 activations through PyTorch's quantized linear (fbgemm/oneDNN)). bf16 is the whole model cast to bf16. "
-             "The lean loop is lowbit's own decode loop (static KV cache, no per-token transformers machinery); "
-             "models it does not cover run transformers' forward with its dynamic cache ('hf loop'). "
+             "reloads); their modules hold the packed tensors of the kernel named. 'native step': a whole batch-1 "
+             "decode step in lowbit's native code (lowbit/native/kernels.c: int8pack / int4pack products with "
+             "activations rounded to int8 in blocks of 32, as llama.cpp does for Q8_0 / Q4_0, float32 weights "
+             "for FP32). Prefill, and batch 8, run the lean loop (static KV cache, torch ops); there, up to "
+             f"{native.MAX_ROWS} rows go to the native int4/int8 products, more to torch's int8pack / int4pack "
+             "(bf16 activations); int8dyn is PyTorch's quantized linear (fbgemm/oneDNN) on per-token-scaled int8 "
+             "activations. bf16 is the whole model cast to bf16. Models the lean loop does not cover run "
+             "transformers' forward with its dynamic cache ('hf loop'). "
              "The bundled SmolLM2's weights sit on a Q4_1 grid, which changes nothing here but quality."]
+    nd = native_divergence(models, text_ids)
+    body += ["", f"What the native path costs in quality ({nd['steps']} teacher-forced decode steps after a "
+             f"{nd['prompt']}-token Wikipedia prompt, against the FP32 model's next-token distributions):", "",
+             "| format | path | mean KLD vs FP32 | top-1 agreement |", "|---|---|---|---|"]
+    for (row, use), r in nd["rows"].items():
+        path = ("native step" if r["native_step"] else "lean loop, native kernels") if use else "torch kernels (bf16 activations)"
+        body.append(f"| {row} | {path} | {r['kld']:.4f} | {r['top1']:.1%} |")
     text = "\n".join(body)
     print(text)
     write_section(ROOT / "docs" / "BENCHMARKS.md", f"decode-speed-{args.model}", text)

@@ -28,6 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from lowbit import native
 from lowbit.formats import QTensor, dequantize_tensor
 from lowbit.formats.qtensor import int_codes, zero_of
 
@@ -40,6 +41,7 @@ class KernelPlan:
     fast: bool
     reason: str = ""  # why no fast kernel applies
     group: int = 0  # int4pack: the kernel's group size
+    center: int = 8  # int4pack: the middle of the stored codes' range (symmetric q + 8; asymmetric 2**(bits-1))
 
 
 def _int4_group(spec, cols: int) -> int:
@@ -68,7 +70,7 @@ def plan_for(spec, in_features: int, has_perm: bool = False, out_features: int =
     if spec.kind == "int" and spec.bits <= 4:
         g = _int4_group(spec, in_features)
         if g and out_features % 16 == 0:
-            return KernelPlan("int4pack", True, group=g)
+            return KernelPlan("int4pack", True, group=g, center=8 if spec.symmetric else 2 ** (spec.bits - 1))
         if g:
             return KernelPlan("bf16deq", False, f"int4pack needs a multiple of 16 output rows; this module has {out_features}")
         return KernelPlan("bf16deq", False, f"int4pack needs groups of 32, 64, 128 or 256 dividing the row; "
@@ -149,7 +151,13 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
     if plan.name == "int8dyn":
         y = _int8_gemm(x.reshape(-1, x.shape[-1]), p, activation, input_scale)
     else:
-        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, x.shape[-1])
+        if plan.name in ("int4pack", "int8pack") and x2.shape[0] <= native.MAX_ROWS and _native_fits(plan, p, x2.shape[1]):
+            y = _native(plan, p, x2, out_features)
+            if bias is not None:
+                y = y + bias.float()
+            return y.to(x.dtype).reshape(*shape, out_features)
+        xb = x2.to(torch.bfloat16)
         if plan.name == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(xb, p["w"], p["s"])
         elif plan.name == "int4pack":
@@ -162,6 +170,23 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*shape, out_features)
+
+
+def _native_fits(plan: KernelPlan, p: dict, cols: int) -> bool:
+    if not native.available():
+        return False
+    if plan.name == "int8pack":
+        return native.int8_supported(cols)
+    return native.int4_supported(cols, p["sz"].shape[1], plan.group)
+
+
+def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Small batches (decode): lowbit's native kernels on the same packed tensors (lowbit/native)."""
+    if plan.name == "int8pack":
+        return native.int8_mm(x2, p["w"], p["s"])
+    if "perm" in p:
+        x2 = x2.index_select(-1, p["perm"])
+    return native.int4_mm(x2, p["w"], plan.group, p["sz"], out_features, plan.center)
 
 
 def _int8_gemm(x2: torch.Tensor, p: dict, activation: str, input_scale) -> torch.Tensor:

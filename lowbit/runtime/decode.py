@@ -107,6 +107,10 @@ class LeanDecoder:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.length = 0
         self.key_mask: torch.Tensor | None = None  # (batch, max_len) bool, with left padding
+        # batch-1 steps of a Llama-layout model run as one native call (lowbit/native), when it can
+        from lowbit.native.decoder import NativeStep
+
+        self.native, self.native_why = NativeStep.build(self)
 
     @property
     def kv_bytes(self) -> int:
@@ -229,6 +233,13 @@ class LeanDecoder:
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One new token per sequence, ids (batch, 1)."""
+        if self.key_mask is None and self.native is not None:
+            if self.length + 1 > self.max_len:
+                raise LowbitError(f"lean decode: {self.length + 1} tokens exceed the cache of {self.max_len}; raise max_len")
+            with torch.no_grad():
+                logits = self.native.step(self.model.model.embed_tokens(ids), self.length)
+            self.length += 1
+            return logits
         if self.key_mask is None:
             return self.forward(ids)
         self._pos = self._pos[:, -1:] + 1
@@ -253,6 +264,41 @@ def pick_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: floa
     return order.gather(1, choice)
 
 
+class decoding:
+    """Around a loop of decode steps: torch on one thread while lowbit's native code does the heavy work
+    (two thread pools spinning on the same cores slow each other down several times over), and Python's
+    garbage collector paused (a full collection over a loaded model's objects costs milliseconds, a
+    whole token at this size). Outside the loop everything is as it was."""
+
+    def __init__(self, dec: "LeanDecoder") -> None:
+        from lowbit import native
+        from lowbit.model.qlinear import QLinear
+
+        self.threads = None
+        if native.available() and (dec.native is not None or any(
+                isinstance(m, QLinear) and m.plan is not None and m.plan.name in ("int4pack", "int8pack")
+                for m in dec.model.modules())):
+            self.threads = native.single_threaded_torch()
+
+    def __enter__(self):
+        import gc
+
+        self.gc = gc.isenabled()
+        gc.disable()
+        if self.threads:
+            self.threads.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        if self.threads:
+            self.threads.__exit__(*exc)
+        if self.gc:
+            gc.enable()
+        return False
+
+
 @torch.no_grad()
 def lean_generate(model, ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                   kv_cache: str = "none", temperature: float = 0.0, top_p: float = 0.95,
@@ -266,17 +312,18 @@ def lean_generate(model, ids: torch.Tensor, max_new_tokens: int, attention_mask:
     out = []
     done = torch.zeros(B, 1, dtype=torch.bool)
     stop = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), dtype=torch.long)
-    for i in range(max_new_tokens):
-        nxt = pick_next(logits, seen if repetition_penalty != 1.0 else None, temperature, top_p, repetition_penalty)
-        if stop.numel():  # finished rows keep emitting their end token, as transformers pads them
-            nxt = torch.where(done, torch.full_like(nxt, int(stop[0])), nxt)
-            done = done | torch.isin(nxt, stop)
-        out.append(nxt)
-        if on_token:
-            on_token(nxt)
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        if repetition_penalty != 1.0:
-            seen = torch.cat([seen, nxt], dim=1)
-        logits = dec.step(nxt)
+    with decoding(dec):
+        for i in range(max_new_tokens):
+            nxt = pick_next(logits, seen if repetition_penalty != 1.0 else None, temperature, top_p, repetition_penalty)
+            if stop.numel():  # finished rows keep emitting their end token, as transformers pads them
+                nxt = torch.where(done, torch.full_like(nxt, int(stop[0])), nxt)
+                done = done | torch.isin(nxt, stop)
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            if repetition_penalty != 1.0:
+                seen = torch.cat([seen, nxt], dim=1)
+            logits = dec.step(nxt)
     return torch.cat(out, dim=1) if out else ids[:, :0]
