@@ -45,6 +45,9 @@ from lowbit import native  # noqa: E402
 from lowbit.model.qlinear import QLinear, kernel_summary  # noqa: E402
 from benchmarks.presets import write_section  # noqa: E402
 
+# where the bundled checkpoints' weights came from (speed is unaffected; quality rows are)
+SOURCE_GRID = {"smollm2-135m": "The bundled SmolLM2's weights sit on a Q4_1 grid, which changes nothing here but quality.",
+               "gemma3-270m": "Gemma-3-270M's weights were shipped mostly on a Q5_0 grid, which changes nothing here but quality."}
 LOWBIT_ROWS = ("fp32", "bf16", "int8", "w4-g128", "w8a8-dynamic")
 LLAMA_ROWS = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
 
@@ -312,11 +315,12 @@ def main() -> None:
              "decode step in lowbit's native code (lowbit/native/kernels.c: int8pack / int4pack products with "
              "activations rounded to int8 in blocks of 32, as llama.cpp does for Q8_0 / Q4_0, float32 weights "
              "for FP32). Prefill, and batch 8, run the lean loop (static KV cache, torch ops); there, up to "
-             f"{native.MAX_ROWS} rows go to the native int4/int8 products, more to torch's int8pack / int4pack "
-             "(bf16 activations); int8dyn is PyTorch's quantized linear (fbgemm/oneDNN) on per-token-scaled int8 "
+             f"{native.MAX_ROWS} rows go to the native int4/int8 products, from {native.DEQUANT_ROWS} rows on the "
+             "weights are dequantized to float once per call for one float GEMM, in between torch's int8pack / "
+             "int4pack run (bf16 activations); int8dyn is PyTorch's quantized linear (fbgemm/oneDNN) on per-token-scaled int8 "
              "activations. bf16 is the whole model cast to bf16. Models the lean loop does not cover run "
              "transformers' forward with its dynamic cache ('hf loop'). "
-             "The bundled SmolLM2's weights sit on a Q4_1 grid, which changes nothing here but quality."]
+             f"{SOURCE_GRID.get(args.model, '')}"]
     nd = native_divergence(models, text_ids)
     body += ["", f"What the native path costs in quality ({nd['steps']} teacher-forced decode steps after a "
              f"{nd['prompt']}-token Wikipedia prompt, against the FP32 model's next-token distributions):", "",

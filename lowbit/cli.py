@@ -241,6 +241,10 @@ def generate(
     kv_cache = kv_cache or kv_of(m)
     kernels_used = kernel_summary({n: q.plan for n, q in m.named_modules() if isinstance(q, QLinear) and q.plan})
     ktext = ", ".join(f"{k} x{v}" for k, v in kernels_used.items()) or "float"
+    if used == "lean":
+        from lowbit.runtime.decode import engine_label
+
+        used = engine_label(m, kv_cache)
     err.print(f"[dim]model in memory: {_human(weight_bytes(m))}; kernels: {ktext}; engine: {used}; kv-cache: {kv_cache}[/]")
     t0 = time.perf_counter()
     n = generate_text(m, loaded.tokenizer, prompt, max_new_tokens, temperature, chat,

@@ -287,36 +287,50 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
     return plans
 
 
+class _AllSeen(Exception):
+    """Raised by the statistics hook once every Linear of the block has had this sample's input."""
+
+
 def _collect(layer, linears, xs, kwargs, device, hessian: bool, keep: int) -> dict[str, LinearStats]:
     """Run the calibration inputs through the block, accumulating each Linear's input statistics.
 
     Linears that read the same tensor (q/k/v, gate/up) share one accumulator: it is found on the
-    first sample by the identity of the input tensor and reused from then on."""
+    first sample by the identity of the input tensor and reused from then on. The pass stops as soon as
+    the last Linear has seen its input (its own product and what follows are not needed here: the
+    quantized block is run again afterwards), which saves the down projection of every sample."""
     stats: dict[str, LinearStats] = {}
     # (data_ptr, shape, stride) of this sample's inputs -> (first Linear that read it, the tensor). The
     # tensor is held so that its memory cannot be freed and reused by a later, different input of the
     # same shape during this sample: an address match then always means the very same tensor.
     seen: dict[tuple, tuple[str, torch.Tensor]] = {}
     alias: dict[str, str] = {}
+    fired: set[str] = set()
 
     def hook(name, x):
-        if name in alias:
-            return
-        if name not in stats:
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            if key in seen and seen[key][0] != name:
-                alias[name] = seen[key][0]
-                return
-            seen[key] = (name, x)
-            stats[name] = LinearStats(x.shape[-1], hessian, keep, device)
-        stats[name].add(x)
+        fired.add(name)
+        if name not in alias:
+            if name not in stats:
+                key = (x.data_ptr(), tuple(x.shape), x.stride())
+                if key in seen and seen[key][0] != name:
+                    alias[name] = seen[key][0]
+                else:
+                    seen[key] = (name, x)
+                    stats[name] = LinearStats(x.shape[-1], hessian, keep, device)
+            if name not in alias:
+                stats[name].add(x)
+        if len(fired) == len(linears):
+            raise _AllSeen
 
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, args[0])) for n, m in linears.items()]
     try:
         with torch.no_grad():
             for x in xs:
                 seen.clear()
-                layer(x.to(device), **kwargs)
+                fired.clear()
+                try:
+                    layer(x.to(device), **kwargs)
+                except _AllSeen:
+                    pass
     finally:
         for h in hooks:
             h.remove()

@@ -152,8 +152,10 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
         y = _int8_gemm(x.reshape(-1, x.shape[-1]), p, activation, input_scale)
     else:
         x2 = x.reshape(-1, x.shape[-1])
-        if plan.name in ("int4pack", "int8pack") and x2.shape[0] <= native.MAX_ROWS and _native_fits(plan, p, x2.shape[1]):
-            y = _native(plan, p, x2, out_features)
+        rows = x2.shape[0]
+        if plan.name in ("int4pack", "int8pack") and (rows <= native.MAX_ROWS or rows >= native.DEQUANT_ROWS) \
+                and _native_fits(plan, p, x2.shape[1]):
+            y = _native(plan, p, x2, out_features) if rows <= native.MAX_ROWS else _dequantized_gemm(plan, p, x2, out_features)
             if bias is not None:
                 y = y + bias.float()
             return y.to(x.dtype).reshape(*shape, out_features)
@@ -187,6 +189,18 @@ def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> t
     if "perm" in p:
         x2 = x2.index_select(-1, p["perm"])
     return native.int4_mm(x2, p["w"], plan.group, p["sz"], out_features, plan.center)
+
+
+def _dequantized_gemm(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Many rows (prefill): float32 weights made once per call, then one float GEMM. At this size the
+    product is compute-bound, and torch's int4pack / int8pack unpack the weights again for every row
+    block (0.5-0.6x the FP32 model's prefill speed here, docs/BENCHMARKS.md)."""
+    x2 = x2.float()
+    if plan.name == "int8pack":
+        return torch.mm(x2, p["w"].t().float()) * p["s"].float()
+    if "perm" in p:
+        x2 = x2.index_select(-1, p["perm"])
+    return torch.mm(x2, native.int4_dequant_t(p["w"], plan.group, p["sz"], out_features))
 
 
 def _int8_gemm(x2: torch.Tensor, p: dict, activation: str, input_scale) -> torch.Tensor:

@@ -30,7 +30,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-pthread"]
-MAX_ROWS = 8  # batch sizes (rows of x) sent here; larger ones are compute-bound and stay on torch's kernels
+MAX_ROWS = 8  # up to this many rows of x, the native int4/int8 products
+DEQUANT_ROWS = 128  # from this many rows, float weights dequantized once per call and one float GEMM (prefill);
+# in between, torch's own int4pack / int8pack kernels were faster here (benchmarks/decode_speed.py)
 
 _lib: ctypes.CDLL | None = None
 _why: str | None = None
@@ -82,7 +84,8 @@ def _load() -> ctypes.CDLL | None:
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.lb_q4_mm.argtypes = [P, I, I, P, P, ctypes.c_long, I, I, I, P, I]
     lib.lb_q8_mm.argtypes = [P, I, I, P, P, I, P, I]
-    lib.lb_q4_mm.restype = lib.lb_q8_mm.restype = I
+    lib.lb_q4_dequant_t.argtypes = [P, P, ctypes.c_long, I, I, I, P, I]
+    lib.lb_q4_mm.restype = lib.lb_q8_mm.restype = lib.lb_q4_dequant_t.restype = I
     _lib = lib
     return lib
 
@@ -164,6 +167,18 @@ def int4_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor, out_
     if rc:
         raise RuntimeError(f"native int4 kernel refused shape ({M}, {K}) x ({out_features}, {K}), group {group}")
     return y
+
+
+def int4_dequant_t(w: torch.Tensor, group: int, sz: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The float32 weight, transposed (K, N), of an int4pack weight (for many-row products)."""
+    lib = _load()
+    K = w.shape[1] * 2
+    if not w.is_contiguous() or sz.stride(2) != 1 or sz.stride(1) != 2:
+        raise RuntimeError("native int4 dequantize: the packed weight must be contiguous and sz (groups, N, 2) row-major")
+    wt = torch.empty(K, out_features)
+    if lib.lb_q4_dequant_t(w.data_ptr(), sz.data_ptr(), sz.stride(0), out_features, K, group, wt.data_ptr(), threads()):
+        raise RuntimeError(f"native int4 dequantize refused shape ({out_features}, {K}), group {group}")
+    return wt
 
 
 def int8_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

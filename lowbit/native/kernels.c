@@ -711,3 +711,55 @@ int lb_decoder_step(lb_decoder *d, const float *h_in, int pos, float *logits, in
     pthread_mutex_unlock(&call_mu);
     return 0;
 }
+
+/* --------------------------------------------------------- int4 -> float ------------------ */
+/* Many rows at once (prefill) are compute-bound: there a float GEMM on weights dequantized once per
+ * call beats unpacking nibbles for every row. Writes wt (K, N) row-major: row k holds every output
+ * row's weight for input k, so each 16-byte group of the int4pack layout fills 32 adjacent floats. */
+typedef struct {
+    int K, N, group;
+    const uint8_t *w;
+    const uint16_t *sz;
+    long sz_stride;
+    float *wt;
+} deq4_args;
+
+static void deq4_task(void *vp, int rb0, int rb1) {
+    const deq4_args *a = vp;
+    const int K = a->K, N = a->N, G = a->group;
+    for (int rb = rb0; rb < rb1; rb++) {
+        const uint8_t *wb = a->w + (size_t)rb * K * 16;
+        for (int gi = 0; gi < K / G; gi++) {
+            float s[32], m[32];
+            for (int p = 0; p < 32; p++) {
+                const uint16_t *e = a->sz + (size_t)gi * a->sz_stride + ((size_t)rb * 32 + p) * 2;
+                s[p] = bf16_to_f32(e[0]);
+                m[p] = bf16_to_f32(e[1]) - 8.f * s[p]; /* (u - 8) * s + z = u * s + (z - 8 s) */
+            }
+            __m256 vs[4], vm[4];
+            for (int j = 0; j < 4; j++) {
+                vs[j] = _mm256_loadu_ps(s + 8 * j);
+                vm[j] = _mm256_loadu_ps(m + 8 * j);
+            }
+            for (int k = gi * G; k < (gi + 1) * G; k++) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(wb + (size_t)k * 16));
+                __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+                __m128i u[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)}; /* rows 0-7, 8-15, 16-23, 24-31 */
+                float *out = a->wt + (size_t)k * N + (size_t)rb * 32;
+                for (int j = 0; j < 4; j++)
+                    _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(u[j])), vs[j], vm[j]));
+            }
+        }
+    }
+}
+
+int lb_q4_dequant_t(const uint8_t *w, const uint16_t *sz, long sz_stride, int N, int K, int group, float *wt, int threads) {
+    if (K % 32 || N % 32 || group < 32 || group % 32 || K % group || sz_stride < 2L * N) return -1;
+    pthread_mutex_lock(&call_mu);
+    set_threads(threads);
+    deq4_args a = {K, N, group, w, sz, sz_stride, wt};
+    parallel_for(deq4_task, &a, N / 32);
+    pthread_mutex_unlock(&call_mu);
+    return 0;
+}

@@ -264,6 +264,12 @@ def pick_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: floa
     return order.gather(1, choice)
 
 
+def engine_label(model, kv_cache: str = "none") -> str:
+    """How the lean loop will decode one sequence: 'lean, native step' or 'lean, torch ops (why)'."""
+    why = LeanDecoder(model, 1, 1, kv_cache).native_why
+    return "lean, native step" if not why else f"lean, torch ops ({why})"
+
+
 class decoding:
     """Around a loop of decode steps: torch on one thread while lowbit's native code does the heavy work
     (two thread pools spinning on the same cores slow each other down several times over), and Python's

@@ -60,9 +60,11 @@ def test_native_matmul_matches_reference_at_small_batch(label, rows, monkeypatch
     assert calls.n == 1  # the native kernel ran, not torch's
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert 0 < _rel(y, ref) < NATIVE_TOL
-    # above the small-batch limit the torch kernel runs, and agrees with the native one
-    big = m(torch.cat([x] * (native.MAX_ROWS // rows + 1)))
-    assert calls.n == 1 and _rel(big[:rows], y) < 2 * NATIVE_TOL
+    # between the limits torch's kernel runs; from DEQUANT_ROWS on, float weights dequantized once per
+    # call and one float GEMM, which leaves only the packed scales' bf16 rounding (test_kernels.py's 1%)
+    mid = m(torch.cat([x] * (native.MAX_ROWS // rows + 1)))
+    big = m(torch.cat([x] * (native.DEQUANT_ROWS // rows + 1)))
+    assert calls.n == 1 and _rel(big[:rows], ref) < 1e-2 and _rel(mid[:rows], y) < 2 * NATIVE_TOL
 
 
 def test_native_int4_reads_a_column_slice_of_the_scales():
