@@ -211,7 +211,9 @@ def generate(
     engine: str = typer.Option("auto", "--engine", help="Decode loop: auto (lean where the architecture allows), lean, hf."),
 ) -> None:
     """Generate text from a model, streaming tokens as they come. Quantized modules run on the fastest
-    CPU kernel their format has (see `lowbit info`); the memory the loaded model holds is printed.
+    CPU kernel their format has (see `lowbit info`); at batch 1 a Llama-layout or Gemma 3 model decodes
+    each token in one call of lowbit's native code (LOWBIT_NATIVE=0 turns it off). The memory the
+    loaded model holds and the engine used are printed.
 
     Example: lowbit generate out/smollm2-w4 --prompt "Explain quantization in one sentence." --kv-cache int8
     """

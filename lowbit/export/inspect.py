@@ -24,14 +24,20 @@ def _header(path: Path) -> dict:
 
 def compute_path(spec: dict | None, in_features: int = 0, has_perm: bool = False, out_features: int = 16) -> str:
     """Which CPU kernel a module runs (lowbit.model.kernels): int8pack, int4pack, int8dyn, or
-    bf16deq (no fast kernel: dequantize then matmul) with the reason; "float" for a kept module."""
+    bf16deq (no fast kernel: dequantize then matmul) with the reason; "float" for a kept module.
+    "+ native": lowbit's own kernels serve this module's decode-size products on this machine."""
     if spec is None:
         return "float"
+    from lowbit import native
     from lowbit.formats.spec import QuantSpec
     from lowbit.model.kernels import plan_for
 
     plan = plan_for(QuantSpec.from_dict(spec), in_features, has_perm, out_features)
-    return plan.name if plan.fast else f"{plan.name} (slow: {plan.reason})"
+    if not plan.fast:
+        return f"{plan.name} (slow: {plan.reason})"
+    fits = (plan.name == "int8pack" and native.int8_supported(in_features)) or \
+        (plan.name == "int4pack" and native.int4_supported(in_features, out_features, plan.group))
+    return plan.name + (" + native" if fits and native.available() else "")
 
 
 def artifact_summary(folder: str | Path) -> dict:

@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -91,6 +92,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 _threads: int | None = None  # set by single_threaded_torch(): the threads these kernels use meanwhile
+_depth = 0  # single_threaded_torch blocks open now, in any thread
+_saved = 1
+_lock = threading.Lock()
 
 
 def threads() -> int:
@@ -100,20 +104,28 @@ def threads() -> int:
 class single_threaded_torch:
     """For a decode loop: torch's own ops (tiny at one token) run on one thread while these kernels
     keep the threads torch had. Two thread pools that both spin on the same few cores slow each other
-    down many times over; this way only one of them is ever awake."""
+    down many times over; this way only one of them is ever awake. torch's thread count is process-wide,
+    so concurrent loops (a server's requests) share one setting: the first block in saves and sets it,
+    the last block out restores it."""
 
     def __enter__(self):
-        global _threads
-        self.saved, self.outer = torch.get_num_threads(), _threads
-        _threads = threads()
-        if available():
-            torch.set_num_threads(1)
+        global _threads, _depth, _saved
+        with _lock:
+            if _depth == 0:
+                _saved = torch.get_num_threads()
+                _threads = _saved
+                if available():
+                    torch.set_num_threads(1)
+            _depth += 1
         return self
 
     def __exit__(self, *exc):
-        global _threads
-        torch.set_num_threads(self.saved)
-        _threads = self.outer
+        global _threads, _depth
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                torch.set_num_threads(_saved)
+                _threads = None
         return False
 
 

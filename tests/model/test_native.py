@@ -226,3 +226,21 @@ def test_native_step_runs_gemma3_past_its_sliding_window():
     with torch.no_grad():
         nat, ref = _lean_pair(model, ids, 30)
     assert _rel(nat, ref) < 2 * NATIVE_TOL
+
+
+def test_concurrent_decode_loops_restore_the_thread_setting():
+    """`lowbit bench` decodes several requests at once in threads: the process-wide torch thread count
+    must come back to what it was whatever order the loops end in."""
+    import threading
+
+    before = torch.get_num_threads()
+    a, b = native.single_threaded_torch(), native.single_threaded_torch()
+    a.__enter__()
+    t = threading.Thread(target=b.__enter__)
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == 1 and native.threads() == before
+    a.__exit__(None, None, None)  # the first one out leaves the setting alone: b is still decoding
+    assert torch.get_num_threads() == 1
+    b.__exit__(None, None, None)
+    assert torch.get_num_threads() == before and native._threads is None
