@@ -2,8 +2,8 @@
 
 Batch-1 decoding is memory-bound: a matrix-vector product should read its weights at memory speed.
 torch's int4pack / int8pack CPU kernels do not at M = 1 on AVX2 machines (they unpack every weight to
-floats: about 5 and 12 GB/s here, against about 36 GB/s of memory bandwidth), so for small batches
-QLinear calls these instead, on the very tensors torch's kernels use (no second copy of the weights).
+floats and run compute-bound, far below memory speed), so for small batches QLinear calls these
+instead, on the very tensors torch's kernels use (no second copy of the weights).
 
 Why C through ctypes and not a torch C++ extension: the file compiles in about a second with nothing
 but a C compiler (a torch extension needs ninja and torch's headers, and a minute), and the kernels

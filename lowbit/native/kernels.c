@@ -2,11 +2,11 @@
  * layouts torch already holds for its own int8pack / int4pack kernels, so no second copy of the
  * weights exists.
  *
- * Why: at decode time (one token, M = 1) torch's _weight_int4pack_mm_for_cpu unpacks every nibble
- * to floats and runs at about 5 GB/s on this machine's 2 cores, and _weight_int8pack_mm at about
- * 12 GB/s; memory reads at about 36 GB/s. These kernels instead quantize the activations to int8 in
- * blocks of 32 (one float scale per block, as llama.cpp does for its Q8_0 activations) and take
- * integer dot products with AVX2 (maddubs / madd), so the weights are read once, at memory speed.
+ * Why: at decode time (one token, M = 1) torch's _weight_int4pack_mm_for_cpu and _weight_int8pack_mm
+ * unpack every weight to floats and run compute-bound, far below memory speed, on AVX2 machines. These
+ * kernels instead quantize the activations to int8 in blocks of 32 (one float scale per block, as
+ * llama.cpp does for its Q8_0 activations) and take integer dot products with AVX2 (maddubs / madd),
+ * so the weights are read once (benchmarks/decode_speed.py reports the share of memory bandwidth reached).
  *
  * Layouts (torch 2.13, CPU):
  *   int4pack  w: uint8, [N/32][K][16]: byte j of (row block, k) holds row j in its low nibble and
