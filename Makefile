@@ -28,3 +28,4 @@ bench: setup
 	test -x .peers/llmc-venv/bin/python || bash benchmarks/peers/setup_llmcompressor.sh .peers/llmc-venv
 	.venv/bin/python benchmarks/calibrated.py --samples 32 --llmcompressor .peers/llmc-venv/bin/python
 	.venv/bin/python benchmarks/calib_memory.py speed
+	.venv/bin/python benchmarks/calib_memory.py capped --cap-gb 3.0

@@ -38,6 +38,7 @@ from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_ke
 from lowbit.recipe import Recipe
 
 METHODS = ("rtn", "rtn-mse", "gptq", "awq", "smoothquant")
+OFFLOAD_MIN = 1 << 20  # elements: float tensors outside the blocks this large go back to disk during the loop
 Progress = Callable[[str, int, int], None]
 
 
@@ -216,6 +217,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
     for i, layer in enumerate(real):
         layers[i] = layer
     xs = [x.to(dtype) for x in store["inputs"]]  # samples x (1, seq, hidden), on the CPU
+    if source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
+        _offload(model, early)
     n_blocks = len(layers)
     model_type = getattr(model.config, "model_type", "")
     maps = mappings_for(model_type, method) if method in ("awq", "smoothquant") else ()
@@ -263,18 +266,22 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
         layer.to("cpu")
         release_memory()
 
-    _fill(model, source, [n for n in names if n not in block_names and n not in early], dtype)
-    if getattr(model.config, "tie_word_embeddings", False):
+    # 2. the rest (the head, the final norm, the embedding again); whatever is planned outside the
+    # blocks (the head, if not ignored) is rounded to nearest, one tensor read at a time
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    rest = [n for n in names if n not in block_names and (n not in early or tied)]
+    _fill(model, source, rest, dtype)
+    if tied:
         model.tie_weights()
-    # 2. whatever is planned outside the blocks (the head, if not ignored): round to nearest
     for p in plans:
         if p.spec is not None and not p.name.startswith(prefix + "."):
             lin = model.get_submodule(p.name)
             check_finite(p.name, lin.weight.detach())
-            set_submodule(model, p.name, QLinear.from_linear(lin, p.spec))
+            set_submodule(model, p.name, _rows_in_chunks(lin, p.spec))
             if getattr(model.config, "tie_word_embeddings", False):
                 share_embedding(model)  # a per-row head serves the embedding lookups, as quantize_model does
                 model.config.tie_word_embeddings = False
+    _fill(model, source, [n for n in early if n not in rest], dtype)  # the embedding, after the head's peak
     round_kept(model, recipe.keep_dtype)
     prepare_model(model)
     model.lowbit_plan = plans
@@ -338,6 +345,29 @@ def _collect(layer, linears, xs, kwargs, device, hessian: bool, keep: int) -> di
         if n not in stats and n not in alias:
             stats[n] = LinearStats(m.in_features, hessian, keep, device)
     return {n: stats[alias.get(n, n)] for n in linears}
+
+
+def _offload(model: nn.Module, names: list[str]) -> None:
+    """Put float tensors read from the checkpoint back on the meta device (they are read again later)."""
+    from lowbit.model.load import _set_tensor
+
+    for n in names:
+        t = model.get_parameter(n) if n in dict(model.named_parameters()) else None
+        if t is not None and t.is_floating_point() and t.numel() >= OFFLOAD_MIN:
+            _set_tensor(model, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+def _rows_in_chunks(lin: nn.Linear, spec: QuantSpec, rows: int = 8192) -> QLinear:
+    """QLinear.from_linear, a block of rows at a time where the format's rows are independent (integer
+    and FP8 formats per channel or group), so a large head's temporaries stay a block's size. The
+    result is the same as quantizing the whole matrix."""
+    w = lin.weight.detach()
+    if w.shape[0] <= rows or spec.kind not in ("int", "fp8_e4m3", "fp8_e5m2") or spec.granularity not in ("channel", "group"):
+        return QLinear.from_linear(lin, spec)
+    parts = [quantize_tensor(w[i:i + rows], spec).tensors for i in range(0, w.shape[0], rows)]
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    bias = None if lin.bias is None else lin.bias.detach()
+    return QLinear(lin.in_features, lin.out_features, spec, tensors, bias)
 
 
 def _dequantized_linear(q: QLinear, device) -> nn.Linear:

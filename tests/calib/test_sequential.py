@@ -43,6 +43,27 @@ def test_streaming_equals_in_memory(tiny_dir, method):
     assert set(streamed.lowbit_imatrix) == {p.name for p in streamed.lowbit_plan if p.spec is not None}
 
 
+@pytest.mark.slow
+def test_streaming_an_untied_model_offloads_its_embedding_and_changes_nothing(tmp_path, monkeypatch):
+    """The embedding goes back to disk during the loop and the head is quantized a block of rows at a
+    time (both to bound memory on large models): the result equals the in-memory loop's."""
+    from lowbit.calib import sequential
+    from tests.conftest import save_hf
+
+    folder = save_hf(make_tiny_llama(tie=False), tmp_path / "untied")
+    offloaded = []
+    real = sequential._offload
+    monkeypatch.setattr(sequential, "OFFLOAD_MIN", 0)
+    monkeypatch.setattr(sequential, "_offload", lambda m, names: (offloaded.extend(names), real(m, names)))
+    real_rows = sequential._rows_in_chunks
+    monkeypatch.setattr(sequential, "_rows_in_chunks", lambda lin, spec: real_rows(lin, spec, rows=64))
+    streamed = quantize_calibrated(str(folder), W4, "gptq", TEXTS, samples=2, seq_len=48, options=FAST).model
+    in_memory = quantize_model_calibrated(make_tiny_llama(tie=False), make_tokenizer(), W4, "gptq", calib(), options=FAST)
+    assert "model.embed_tokens.weight" in offloaded
+    assert not streamed.model.embed_tokens.weight.is_meta
+    assert same_state(streamed, in_memory)
+
+
 def test_rtn_through_the_loop_equals_quantize_model():
     plain = make_tiny_llama()
     quantize_model(plain, W4)
