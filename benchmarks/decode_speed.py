@@ -159,14 +159,13 @@ def native_divergence(models: dict, text_ids: list[int], prompt: int = 128, step
 
 def engine_of(model, batch: int) -> str:
     """Which loop a row's decode steps ran in."""
-    from lowbit.runtime.decode import LeanDecoder
+    from lowbit.runtime.decode import LeanDecoder, uses_native_kernels
 
     if pick_engine(model) != "lean":
         return "hf loop"
     if LeanDecoder(model, batch, 8).native is not None:
         return "native step"
-    small = native.available() and any(isinstance(m, QLinear) and m.plan is not None and m.plan.name in
-                                       ("int4pack", "int8pack") for m in model.modules())
+    small = uses_native_kernels(model)
     return "lean loop" + (f" (native kernels for <= {native.MAX_ROWS} rows)" if small else "")
 
 

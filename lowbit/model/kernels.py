@@ -32,7 +32,8 @@ from lowbit import native
 from lowbit.formats import QTensor, dequantize_tensor
 from lowbit.formats.qtensor import int_codes, zero_of
 
-INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+INT4_GROUPS = (256, 128, 64, 32)
+NATIVE_KERNELS = ("int4pack", "int8pack")  # whose packed tensors lowbit/native also reads  # what _weight_int4pack_mm_for_cpu accepts
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
     else:
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        if plan.name in ("int4pack", "int8pack") and (rows <= native.MAX_ROWS or rows >= native.DEQUANT_ROWS) \
+        if plan.name in NATIVE_KERNELS and (rows <= native.MAX_ROWS or rows >= native.DEQUANT_ROWS) \
                 and _native_fits(plan, p, x2.shape[1]):
             y = _native(plan, p, x2, out_features) if rows <= native.MAX_ROWS else _dequantized_gemm(plan, p, x2, out_features)
             if bias is not None:

@@ -65,7 +65,7 @@ def linear_kernel(m: nn.Module) -> tuple[int, dict] | str:
 
 class NativeStep:
     def __init__(self, dec, lib: ctypes.CDLL, plans: list[list[tuple[int, dict]]], head: tuple[int, dict]) -> None:
-        self.lib, self.dec = lib, dec
+        self.lib = lib  # (not the decoder itself: it holds this object, and a cycle would delay freeing)
         cfg = dec.model.config
         self.hidden = cfg.hidden_size
         self.vocab = dec.model.lm_head.out_features

@@ -195,6 +195,18 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *d, fl
     }
 }
 
+/* the int4 kernel's activation layout: per 4 k, (x_k, x_k+2) x 8 then (x_k+1, x_k+3) x 8 (32 bytes), the
+ * byte pairs maddubs multiplies with the two 128-bit lanes of unpacked codes */
+static void pair_up(const int8_t *q, size_t n, int8_t *out) {
+    for (size_t i = 0; i < n; i += 4) {
+        int8_t *o = out + i * 8;
+        for (int j = 0; j < 8; j++) {
+            o[2 * j] = q[i], o[2 * j + 1] = q[i + 2];
+            o[16 + 2 * j] = q[i + 1], o[16 + 2 * j + 1] = q[i + 3];
+        }
+    }
+}
+
 /* scratch for the quantized activations, grown as needed (calls are serialised by call_mu) */
 static int8_t *scr_q;
 static float *scr_d, *scr_s;
@@ -329,13 +341,7 @@ int lb_q4_mm(const float *x, int M, int K, const uint8_t *w, const uint16_t *sz,
         quantize_rows(x, M, K, scr_q, scr_d, scr_s, scr_i);
         set_threads(threads);
         q4_args a = {M, K, N, group, w, sz, sz_stride, center, scr_q, scr_d, scr_s, scr_i, scr_p, y};
-        for (size_t i = 0; i < (size_t)M * K; i += 4) {
-            int8_t *o = scr_p + i * 8;
-            for (int j = 0; j < 8; j++) {
-                o[2 * j] = scr_q[i], o[2 * j + 1] = scr_q[i + 2];
-                o[16 + 2 * j] = scr_q[i + 1], o[16 + 2 * j + 1] = scr_q[i + 3];
-            }
-        }
+        pair_up(scr_q, (size_t)M * K, scr_p);
         parallel_for(q4_task, &a, N / 32);
     }
     pthread_mutex_unlock(&call_mu);
@@ -555,13 +561,7 @@ static void prep_act(lb_decoder *d, const float *x, int K, const int64_t *perm) 
         src = d->xp;
     }
     quantize_rows(src, 1, K, scr_q, scr_d, scr_s, scr_i);
-    for (int i = 0; i < K; i += 4) {
-        int8_t *o = scr_p + (size_t)i * 8;
-        for (int j = 0; j < 8; j++) {
-            o[2 * j] = scr_q[i], o[2 * j + 1] = scr_q[i + 2];
-            o[16 + 2 * j] = scr_q[i + 1], o[16 + 2 * j + 1] = scr_q[i + 3];
-        }
-    }
+    pair_up(scr_q, (size_t)K, scr_p);
     d->prep_x = x;
     d->prep_perm = perm;
 }

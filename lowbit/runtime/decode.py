@@ -264,6 +264,16 @@ def pick_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: floa
     return order.gather(1, choice)
 
 
+def uses_native_kernels(model) -> bool:
+    """Whether some QLinear of `model` sends small batches to lowbit's native products."""
+    from lowbit import native
+    from lowbit.model.kernels import NATIVE_KERNELS
+    from lowbit.model.qlinear import QLinear
+
+    return native.available() and any(isinstance(m, QLinear) and m.plan is not None and m.plan.name in NATIVE_KERNELS
+                                      for m in model.modules())
+
+
 def engine_label(model, kv_cache: str = "none") -> str:
     """How the lean loop will decode one sequence: 'lean, native step' or 'lean, torch ops (why)'."""
     why = LeanDecoder(model, 1, 1, kv_cache).native_why
@@ -272,18 +282,15 @@ def engine_label(model, kv_cache: str = "none") -> str:
 
 class decoding:
     """Around a loop of decode steps: torch on one thread while lowbit's native code does the heavy work
-    (two thread pools spinning on the same cores slow each other down several times over), and Python's
-    garbage collector paused (a full collection over a loaded model's objects costs milliseconds, a
-    whole token at this size). Outside the loop everything is as it was."""
+    (two thread pools spinning on the same cores slow each other down), and Python's garbage collector
+    paused (a full collection walks every object of the loaded model, which showed up in a decode
+    profile). Outside the loop everything is as it was."""
 
     def __init__(self, dec: "LeanDecoder") -> None:
         from lowbit import native
-        from lowbit.model.qlinear import QLinear
 
         self.threads = None
-        if native.available() and (dec.native is not None or any(
-                isinstance(m, QLinear) and m.plan is not None and m.plan.name in ("int4pack", "int8pack")
-                for m in dec.model.modules())):
+        if dec.native is not None or uses_native_kernels(dec.model):
             self.threads = native.single_threaded_torch()
 
     def __enter__(self):

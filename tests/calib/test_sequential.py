@@ -11,6 +11,7 @@ import torch
 
 from lowbit.calib import CalibOptions, load_calibration, quantize_calibrated, quantize_model_calibrated
 from lowbit.errors import LowbitError
+from lowbit.formats.spec import QuantSpec
 from lowbit.model.load import load_artifact
 from lowbit.model.qlinear import prepare_model
 from lowbit.model.quantize import quantize_model
@@ -182,3 +183,18 @@ def test_statistics_are_shared_only_by_linears_reading_the_same_tensor():
         assert stats["a"] is stats["b"] and stats["c"] is not stats["a"]
         want = sum((x * 2).reshape(-1, 16).pow(2).sum(0) for x in xs)  # sum of squares of a's input
         torch.testing.assert_close(stats["a"].sq.float(), want)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(kind="int", bits=8, granularity="channel"),
+                                  QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False),
+                                  QuantSpec(kind="fp8_e4m3", bits=8, granularity="channel")])
+def test_head_in_row_blocks_equals_the_whole_matrix(spec):
+    from torch import nn
+
+    from lowbit.calib.sequential import _rows_in_chunks
+    from lowbit.model.qlinear import QLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 100)
+    chunked, whole = _rows_in_chunks(lin, spec, rows=16).state_dict(), QLinear.from_linear(lin, spec).state_dict()
+    assert set(chunked) == set(whole) and all(torch.equal(chunked[k], whole[k]) for k in whole)
