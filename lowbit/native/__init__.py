@@ -59,7 +59,8 @@ def _build() -> Path:
     try:
         r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+            said = r.stderr.strip()[-500:] or "no message"
+            raise OSError(f"{cc} exited with {r.returncode}: {said}; fix: install gcc, or set CC to a working C compiler")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
