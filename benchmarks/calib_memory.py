@@ -37,11 +37,29 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from presets import write_section  # noqa: E402
 
 CHILD = """
-import json, sys, time
+import json, sys, threading, time
 sys.path.insert(0, {root!r})
 from lowbit.calib import quantize_calibrated
+
+def rss_kb():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))
+
+phase, peaks = ["calibration data"], {{}}
+def report():  # one line per finished phase, flushed, so a killed run still says how far it got
+    print(json.dumps({{"phase": phase[0], "peak_rss_kb": peaks.get(phase[0], 0)}}), flush=True)
+def progress(msg, i, n):
+    name = "blocks" if msg.startswith("block") else msg
+    if name != phase[0]:
+        report()
+        phase[0] = name
+def sample():
+    while True:
+        peaks[phase[0]] = max(peaks.get(phase[0], 0), rss_kb())
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
-quantize_calibrated({folder!r}, "w4-g128", {method!r}, "wikipedia", {samples}, {seq_len}, out={out!r})
+quantize_calibrated({folder!r}, "w4-g128", {method!r}, "wikipedia", {samples}, {seq_len}, out={out!r}, progress=progress)
+report()
 status = {{l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('VmHWM', 'VmPeak'))}}
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_kb": status["VmHWM"], "peak_vm_kb": status["VmPeak"]}}))
 """
@@ -112,7 +130,9 @@ def capped(args) -> None:
             if group:
                 group.rmdir()
         ok = p.returncode == 0
-        res = json.loads(p.stdout.strip().splitlines()[-1]) if ok else {}
+        records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+        phases = [r for r in records if "phase" in r]
+        res = records[-1] if ok else {}
         print(p.stdout[-2000:], p.stderr[-3000:] if not ok else "", flush=True)
         art = sum(f.stat().st_size for f in (Path(tmp) / "w4").glob("*")) if ok else 0
     lines = [
@@ -133,7 +153,11 @@ def capped(args) -> None:
         f"| {size / 1e9:.2f} GB | {args.cap_gb:.1f} GB ({kind}) | {'ok' if ok else 'failed (exit %d)' % p.returncode} | "
         + (f"{res['peak_rss_kb'] / 1e6:.2f} GB | {res['peak_vm_kb'] / 1e6:.2f} GB | "
            f"{'-' if group_peak is None else f'{group_peak / 1e9:.2f} GB'} | {art / 1e9:.2f} GB | {res['seconds']:.0f} s |"
-           if ok else "- | - | - | - | - |"),
+           if ok else f"- | - | {'-' if group_peak is None else f'{group_peak / 1e9:.2f} GB'} | - | - |"),
+        "",
+        "Peak RSS by phase (sampled every 50 ms; a killed run lists the phases it finished): "
+        + "; ".join(f"{r['phase']} {r['peak_rss_kb'] / 1e6:.2f} GB" for r in phases) + "."
+        if phases else "No phase finished.",
     ]
     write_section(args.out, "calibrated-capped", "\n".join(lines))
     print(f"wrote {args.out}")

@@ -94,7 +94,8 @@ def quantize(
     prepare_out_dir(out_dir, force)  # fail before the slow part
     _quiet_transformers()
     t0 = time.perf_counter()
-    if method != "rtn" or calib:
+    calibrated = method != "rtn" or bool(calib)
+    if calibrated:
         from lowbit.calib import CalibOptions, quantize_calibrated
         from lowbit.calib.sequential import check_method
 
@@ -106,9 +107,10 @@ def quantize(
             def block_step(msg: str, i: int, total: int) -> None:
                 prog.update(task, total=total, completed=i, description=f"{method}: {msg}")
 
-            loaded = quantize_calibrated(model, rec, method, calib or "mix", samples, seq_len,
+            loaded = quantize_calibrated(model, rec, method, calib or "mix", samples, seq_len, out=out_dir,
                                          options=CalibOptions(damp=damp, act_order=act_order, alpha=alpha),
-                                         progress=block_step, say=lambda msg: err.print(msg, highlight=False))
+                                         progress=block_step, force=force,
+                                         say=lambda msg: err.print(msg, highlight=False))  # writes out_dir too
         plans = loaded.model.lowbit_plan
         fell = loaded.model.lowbit_calibration["rtn_fallbacks"]
         if fell:
@@ -130,8 +132,9 @@ def quantize(
             notes.setdefault(p.note, []).append(p.name)
     for note, names in notes.items():
         err.print(f"[yellow]note:[/] {note} in {len(names)} module(s), e.g. {names[0]}", highlight=False)
-    with err.status(f"Writing {out_dir} ..."):
-        save_artifact(loaded.model, loaded.tokenizer, out_dir, loaded.source, force)
+    if not calibrated:  # the calibrated loop wrote out_dir itself, before packing kernels
+        with err.status(f"Writing {out_dir} ..."):
+            save_artifact(loaded.model, loaded.tokenizer, out_dir, loaded.source, force)
     from lowbit.export.inspect import artifact_summary
 
     s = artifact_summary(out_dir)

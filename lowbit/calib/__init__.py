@@ -46,14 +46,21 @@ def quantize_calibrated(name_or_path: str | Path, recipe: Recipe | str | Path, m
     data = load_calibration(calib, tokenizer, samples, seq_len)
     say(f"calibration: {data.describe()}")
     model = empty_model(folder, torch.float32)
-    quantize_sequential(model, rec, method, data, TensorSource(folder), options or CalibOptions(), progress)
+    quantize_sequential(model, rec, method, data, TensorSource(folder), options or CalibOptions(), progress,
+                        kernels=False)
     from lowbit.model.load import _finish
+    from lowbit.model.qlinear import prepare_model
 
     loaded = Loaded(_finish(model, folder), tokenizer, {**src.describe(), "sha256": digest}, folder)
-    if out is not None:
+    if out is not None:  # saved from the stored form, before the kernels repack the weights
         from lowbit.export.native import save_artifact
 
+        if progress:
+            progress("saving", 1, 1)
         save_artifact(loaded.model, tokenizer, out, loaded.source, force)
+    if progress:
+        progress("kernels", 1, 1)
+    prepare_model(loaded.model)
     return loaded
 
 

@@ -184,9 +184,11 @@ def check_method(method: str, recipe: Recipe) -> None:
 
 def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: CalibData,
                         source: TensorSource | None = None, options: CalibOptions = CalibOptions(),
-                        progress: Progress | None = None) -> list[ModulePlan]:
+                        progress: Progress | None = None, kernels: bool = True) -> list[ModulePlan]:
     """Quantize `model` in place, block by block. With `source`, the model is a meta-device skeleton
-    and each block's weights are read from it when the block's turn comes."""
+    and each block's weights are read from it when the block's turn comes. kernels=False leaves the
+    kernel choice (lowbit.model.qlinear.prepare_model) to the caller, e.g. after saving, so the
+    artifact is written from the stored form without packing and unpacking every weight first."""
     check_method(method, recipe)
     t0 = time.perf_counter()
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -247,10 +249,11 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
                 if progress:
                     progress(f"block {bi}: {n}", bi, n_blocks)
                 spec = by_name[bprefix + n].spec
-                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, records)
+                last = not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:])
+                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, records, consume=last)
                 if forward:
                     imatrix[bprefix + n] = stats[n].importance().cpu()
-                if not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:]):
+                if last:
                     stats[n].H, stats[n].factors = None, {}  # last reader of this Hessian: free it before the next, wider one
                     release_memory()
             del stats
@@ -268,6 +271,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
 
     # 2. the rest (the head, the final norm, the embedding again); whatever is planned outside the
     # blocks (the head, if not ignored) is rounded to nearest, one tensor read at a time
+    if progress:
+        progress("the head", n_blocks, n_blocks)
     tied = getattr(model.config, "tie_word_embeddings", False)
     rest = [n for n in names if n not in block_names and (n not in early or tied)]
     _fill(model, source, rest, dtype)
@@ -278,12 +283,18 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
             lin = model.get_submodule(p.name)
             check_finite(p.name, lin.weight.detach())
             set_submodule(model, p.name, _rows_in_chunks(lin, p.spec))
+            del lin  # the float head: gone before the embedding is read back
             if getattr(model.config, "tie_word_embeddings", False):
                 share_embedding(model)  # a per-row head serves the embedding lookups, as quantize_model does
                 model.config.tie_word_embeddings = False
+    if progress:
+        progress("the embedding", n_blocks, n_blocks)
     _fill(model, source, [n for n in early if n not in rest], dtype)  # the embedding, after the head's peak
     round_kept(model, recipe.keep_dtype)
-    prepare_model(model)
+    if kernels:
+        if progress:
+            progress("kernels", n_blocks, n_blocks)
+        prepare_model(model)
     model.lowbit_plan = plans
     model.lowbit_recipe = replace(recipe, algorithm=method)
     model.lowbit_imatrix = imatrix
@@ -411,12 +422,14 @@ def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options,
 
 
 def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, method: str,
-                     options: CalibOptions, records: dict) -> QLinear:
+                     options: CalibOptions, records: dict, consume: bool = False) -> QLinear:
+    """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place."""
     w = m.weight.detach()
     qt = None
     if method == "gptq":
         try:
-            qt = gptq.gptq_quantize(w, st.H.H, spec, options.block_size, options.damp, options.act_order, st.factors)
+            qt = gptq.gptq_quantize(w, st.H.H, spec, options.block_size, options.damp, options.act_order, st.factors,
+                                    consume)
         except gptq.HessianError as e:
             warnings.warn(f"module {name}: GPTQ could not run ({e}); this layer fell back to round-to-nearest. "
                           f"Fix: raise the dampening (--damp, now {options.damp}), or calibrate on more and more "

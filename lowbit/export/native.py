@@ -30,8 +30,9 @@ from lowbit.errors import LowbitError
 from lowbit.formats.affine import torch_dtype
 from lowbit.model.load import ARTIFACT_FORMAT, ARTIFACT_FORMAT_VERSION, IMATRIX_FILE
 from lowbit.model.qlinear import QLinear
-from lowbit.model.quantize import plans_to_json
+from lowbit.model.quantize import fits_dtype, plans_to_json
 from lowbit.model.sources import ARTIFACT_FILE
+from lowbit.model.st_writer import Entry, entry_of, write_tensors
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -58,27 +59,34 @@ def move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def artifact_state(model: torch.nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
-    """Tensors to store: QLinear buffers as they are, other floats in keep_dtype, tied copies once."""
+def artifact_entries(model: torch.nn.Module, keep_dtype: str) -> list[Entry]:
+    """Tensors to store, as the state dict names them: QLinear buffers as they are (codes a kernel
+    holds in its own layout are rebuilt one module at a time, when written), other floats in
+    keep_dtype (a tensor that would overflow it stays as it is), tied copies once."""
     dt = torch_dtype(keep_dtype)
-    qnames = {n for n, m in model.named_modules() if isinstance(m, QLinear)}
-    state, seen = {}, set()
-    for name, t in model.state_dict().items():
+    entries, seen = [], set()
+
+    def add(name: str, t: torch.Tensor, in_qlinear: bool) -> None:
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
         if key in seen:
-            continue
+            return
         seen.add(key)
-        owner = name.rpartition(".")[0]
-        if owner in qnames and not name.endswith(".bias"):
-            # a slice of a fused kernel tensor (FusedQLinear) is stored as its own copy
-            own = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-            state[name] = t.contiguous() if own else t.clone()
-        elif t.is_floating_point():
-            c = t.to(dt)
-            state[name] = (c if torch.isfinite(c).all() or not torch.isfinite(t).all() else t).contiguous()
-        else:
-            state[name] = t.contiguous()
-    return state
+        if in_qlinear or not t.is_floating_point() or t.dtype == dt:
+            entries.append(entry_of(name, t))
+            return
+        entries.append(Entry(name, dt, tuple(t.shape), lambda: t) if fits_dtype(t, dt) else entry_of(name, t))
+
+    for mname, mod in model.named_modules():
+        prefix = mname + "." if mname else ""
+        for n, p in mod.named_parameters(recurse=False):
+            add(prefix + n, p.detach(), isinstance(mod, QLinear) and n != "bias")
+        for n, b in mod.named_buffers(recurse=False):
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                add(prefix + n, b, isinstance(mod, QLinear))
+        if isinstance(mod, QLinear) and "qdata" in mod._names and "qdata" not in mod._buffers:
+            shape, dtype = mod.stored_meta("qdata")
+            entries.append(Entry(prefix + "qdata", dtype, shape, lambda m=mod: m._stored("qdata")))
+    return entries
 
 
 def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: dict, force: bool = False) -> Path:
@@ -92,7 +100,7 @@ def save_artifact(model: torch.nn.Module, tokenizer, out: str | Path, source: di
     tmp = out.resolve().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(artifact_state(model, recipe.keep_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_tensors(tmp / "model.safetensors", artifact_entries(model, recipe.keep_dtype), metadata={"format": "pt"})
         imatrix = getattr(model, "lowbit_imatrix", None)
         if imatrix:
             save_file({k: v.float().contiguous() for k, v in imatrix.items()}, str(tmp / IMATRIX_FILE),

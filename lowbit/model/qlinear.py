@@ -72,6 +72,16 @@ class QLinear(nn.Module):
             return packing.pack(codes, self.spec.bits) if self.spec.bits < 8 else codes.to(torch.uint8)
         return getattr(self, name)
 
+    def stored_meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a stored tensor, without rebuilding codes a kernel holds."""
+        if name == "qdata" and "qdata" not in self._buffers:
+            if self.plan.name == "int8dyn":
+                return (self.out_features, self.in_features), torch.int8
+            bits = self.spec.bits
+            return (self.out_features, packing.packed_cols(self.in_features, bits) if bits < 8 else self.in_features), torch.uint8
+        t = getattr(self, name)
+        return tuple(t.shape), t.dtype
+
     def qtensor(self) -> QTensor:
         return QTensor(self.spec, (self.out_features, self.in_features), {n: self._stored(n) for n in self._names})
 

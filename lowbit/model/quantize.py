@@ -61,12 +61,24 @@ def plan_model(model: nn.Module, recipe: Recipe) -> list[ModulePlan]:
             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+CHUNK = 1 << 22  # elements per step when a whole-tensor temporary would be large
+
+
 def check_finite(name: str, w: torch.Tensor) -> None:
-    bad = (~torch.isfinite(w)).sum().item()
+    flat = w.reshape(-1)
+    bad = sum((~torch.isfinite(flat[i:i + CHUNK])).sum().item() for i in range(0, flat.numel(), CHUNK))
     if bad:
         raise LowbitError(
             f"module {name}: weight has {bad} NaN/Inf value(s) of {w.numel()}; the source checkpoint is damaged; "
             f"fix: re-export the model from a good copy (quantizing it would only hide the damage)")
+
+
+def fits_dtype(t: torch.Tensor, dt: torch.dtype) -> bool:
+    """Whether t can be stored in dt: the cast stays finite, or t was not finite to begin with.
+    Checked in chunks, so a large tensor needs no whole-size temporary."""
+    flat = t.detach().reshape(-1)
+    parts = [flat[i:i + CHUNK] for i in range(0, flat.numel(), CHUNK)]
+    return all(bool(torch.isfinite(c.to(dt)).all()) for c in parts) or not all(bool(torch.isfinite(c).all()) for c in parts)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -87,9 +99,14 @@ def round_kept(model: nn.Module, keep_dtype: str, skip: Iterable[str] = ()) -> N
         for name, p in model.named_parameters():
             if name in skip or not p.is_floating_point() or p.dtype == dt:
                 continue
-            rounded = p.to(dt)
-            if torch.isfinite(rounded).all() or not torch.isfinite(p).all():
-                p.copy_(rounded.to(p.dtype))
+            if not fits_dtype(p, dt):
+                continue
+            if not p.is_contiguous():
+                p.copy_(p.to(dt).to(p.dtype))
+                continue
+            flat = p.detach().view(-1)  # in chunks: a large embedding's temporaries stay small
+            for i in range(0, flat.numel(), CHUNK):
+                flat[i:i + CHUNK] = flat[i:i + CHUNK].to(dt).to(p.dtype)
 
 
 def quantize_model(model: nn.Module, recipe: Recipe, progress: Progress | None = None) -> list[ModulePlan]:

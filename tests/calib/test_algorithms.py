@@ -122,3 +122,26 @@ def test_int_qtensor_roundtrip_of_gptq_codes():
     again = int_qtensor(W4G32, affine.quantize(w, qt.tensors["scale"], qt.tensors["zero_point"], W4G32),
                         qt.tensors["scale"], qt.tensors["zero_point"])
     assert torch.equal(again.tensors["qdata"], qt.tensors["qdata"])
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("consume", [False, True])
+@pytest.mark.parametrize("d", [128, 93])
+def test_inverse_cholesky_factor_is_upper_and_inverts_the_damped_hessian(ordered, consume, d, monkeypatch):
+    monkeypatch.setattr(gptq, "ROWS", 5)  # several row blocks, a short last one, and (d=93) a middle row
+    x, _ = layer(5, d=d)
+    x[:, 9] = 0  # a dead input: its diagonal becomes 1 before damping
+    H = (2 * x.t() @ x / x.shape[0]).double()
+    order = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(1)) if ordered else None
+    kept = H.clone()
+    U = gptq.inverse_cholesky(H, 0.01, order, consume)
+    if consume:
+        assert U.data_ptr() == H.data_ptr()  # written over the Hessian: no second (in, in) matrix kept
+    else:
+        assert torch.equal(H, kept)  # the caller's Hessian is not touched
+    Hp = kept if order is None else kept[order][:, order]
+    fixed = torch.where(Hp.diag() == 0, torch.ones_like(Hp.diag()), Hp.diag())
+    damped = Hp.clone()
+    damped.diagonal().copy_(fixed + 0.01 * fixed.mean())
+    assert torch.equal(U, U.triu())
+    assert torch.allclose(U.t() @ U, torch.linalg.inv(damped), rtol=1e-6, atol=1e-8)
