@@ -109,7 +109,7 @@ def quantize(
 
             loaded = quantize_calibrated(model, rec, method, calib or "mix", samples, seq_len, out=out_dir,
                                          options=CalibOptions(damp=damp, act_order=act_order, alpha=alpha),
-                                         progress=block_step, force=force,
+                                         progress=block_step, force=force, kernels=False,
                                          say=lambda msg: err.print(msg, highlight=False))  # writes out_dir too
         plans = loaded.model.lowbit_plan
         fell = loaded.model.lowbit_calibration["rtn_fallbacks"]

@@ -21,12 +21,15 @@ DEFAULT_CALIB = "mix"
 def quantize_calibrated(name_or_path: str | Path, recipe: Recipe | str | Path, method: str | None = None,
                         calib: str | Path | list[str] = DEFAULT_CALIB, samples: int = 128, seq_len: int = 512,
                         out: str | Path | None = None, options: CalibOptions | None = None, progress=None,
-                        force: bool = False, say=lambda msg: None):
+                        force: bool = False, say=lambda msg: None, kernels: bool = True):
     """Quantize a float checkpoint with calibration, streaming it block by block from disk.
 
     method: "gptq", "awq", "smoothquant", "rtn-mse" or "rtn" (default: the recipe's algorithm).
     calib: a .txt or .jsonl file, a built-in set (see lowbit.calib.data.BUILTIN) or a list of texts.
     Returns the Loaded quantized model; with `out`, also writes the artifact there (atomically).
+    kernels=False skips picking the CPU kernels after saving (each module then picks its own on first
+    use): for callers that only want the artifact, as the CLI does. Packing every weight into the
+    kernels' layout was the highest point of memory in the capped benchmark.
     """
     from lowbit.model import sources
     from lowbit.model.load import Loaded, empty_model, float_folder, load_tokenizer
@@ -58,9 +61,10 @@ def quantize_calibrated(name_or_path: str | Path, recipe: Recipe | str | Path, m
         if progress:
             progress("saving", 1, 1)
         save_artifact(loaded.model, tokenizer, out, loaded.source, force)
-    if progress:
-        progress("kernels", 1, 1)
-    prepare_model(loaded.model)
+    if kernels:
+        if progress:
+            progress("kernels", 1, 1)
+        prepare_model(loaded.model)
     return loaded
 
 
