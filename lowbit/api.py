@@ -18,7 +18,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | Path = "int8", progress=No
              calib=None, samples: int = 128, seq_len: int = 512, tokenizer=None) -> nn.Module:
     """Quantize `model` in place with a Recipe, a preset name or a recipe file; returns the model.
 
-    With a method other than "rtn" (gptq, awq, smoothquant, rtn-mse) or calibration data (a .txt/.jsonl
+    With a method other than "rtn" (gptq, awq, awq-gptq, smoothquant, rtn-mse) or calibration data (a .txt/.jsonl
     path, a built-in set name, or a list of texts), the model is calibrated block by block.
     To quantize a checkpoint too large for memory, use lowbit.calib.quantize_calibrated, which streams it.
 

@@ -66,7 +66,8 @@ def quantize(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the artifact to (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
     method: Optional[str] = typer.Option(None, "--method",
-        help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, or smoothquant (W8A8 recipes). "
+        help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, awq-gptq (AWQ scales, then GPTQ rounding), "
+             "or smoothquant (W8A8 recipes). "
              "Default: the recipe's algorithm, or gptq when --calib is given."),
     calib: Optional[str] = typer.Option(None, "--calib",
         help="Calibration prompts: a .txt file, a .jsonl file (a 'text' field or chat 'messages'), or a built-in "

@@ -30,7 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.spec import QuantSpec
 
 RECIPE_VERSION = 1
-ALGORITHMS = ("rtn", "rtn-mse", "gptq", "awq", "smoothquant")  # all but rtn need calibration (lowbit.calib)
+ALGORITHMS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant")  # all but rtn need calibration (lowbit.calib)
 GROUP_FALLBACKS = ("error", "shrink")
 KEEP_DTYPES = ("float16", "bfloat16", "float32")
 KV_CACHES = ("none", "int8", "fp8")
@@ -190,6 +190,10 @@ PRESETS: dict[str, Recipe] = {
         Recipe(name="w4-g128", scheme=_int(4, "group", 128, symmetric=False, scale_dtype="float16"), group_fallback="shrink",
                ignore=(), overrides=(HEAD_INT8,),
                description="INT4 asymmetric, groups of 128 (rows 128 does not divide use the largest power-of-two group that does); head INT8"),
+        Recipe(name="w4-g128-m", scheme=_int(4, "group", 128, symmetric=False, scale_dtype="float16"), group_fallback="shrink",
+               ignore=(), overrides=(HEAD_INT8, Override("*.v_proj", _int(8, "channel")), Override("*.down_proj", _int(8, "channel"))),
+               description="INT4 asymmetric g128, with the value and down projections in INT8 per channel (the layers "
+                           "llama.cpp's _M mixes also give more bits); head INT8"),
         Recipe(name="w4-g32", scheme=_int(4, "group", 32, symmetric=False, scale_dtype="float16"), group_fallback="shrink",
                ignore=(), overrides=(HEAD_INT8,), description="INT4 asymmetric, groups of 32; head INT8"),
         Recipe(name="nf4", scheme=QuantSpec(kind="nf4", bits=4, granularity="group", group_size=64, double_quant=True),

@@ -24,7 +24,7 @@ def quantize_calibrated(name_or_path: str | Path, recipe: Recipe | str | Path, m
                         force: bool = False, say=lambda msg: None, kernels: bool = True):
     """Quantize a float checkpoint with calibration, streaming it block by block from disk.
 
-    method: "gptq", "awq", "smoothquant", "rtn-mse" or "rtn" (default: the recipe's algorithm).
+    method: "gptq", "awq", "awq-gptq" (AWQ scales folded in, then GPTQ rounding), "smoothquant", "rtn-mse" or "rtn" (default: the recipe's algorithm).
     calib: a .txt or .jsonl file, a built-in set (see lowbit.calib.data.BUILTIN) or a list of texts.
     Returns the Loaded quantized model; with `out`, also writes the artifact there (atomically).
     kernels=False skips picking the CPU kernels after saving (each module then picks its own on first

@@ -21,15 +21,26 @@ class HessianError(ValueError):
     """The damped Hessian is not positive definite: GPTQ cannot run on this layer."""
 
 
+SYM_BLOCK = 256  # Hessians at least twice this wide accumulate only their upper block triangle
+
+
 @dataclass
 class Hessian:
-    """Running H = 2/n * sum_t x_t x_t^T for one Linear's inputs."""
-    H: torch.Tensor  # (in, in) float32
+    """Running H = 2/n * sum_t x_t x_t^T for one Linear's inputs.
+
+    H is symmetric, so for wide inputs only the column blocks on and above the diagonal are
+    accumulated (x_i^T x_j for i <= j): 62% of the products for a 1536-wide input in 4 blocks, 75%
+    for 576 in 2. `full()` mirrors the upper blocks down before H is read."""
+    H: torch.Tensor  # (in, in) float32; below-diagonal blocks are stale until full()
     n: int = 0
+    cuts: tuple[int, ...] = ()  # column block edges, (0, ..., in)
+    mirrored: bool = True
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "Hessian":
-        return cls(torch.zeros(in_features, in_features, device=device))
+        k = max(1, in_features // SYM_BLOCK)
+        cuts = tuple(in_features * i // k for i in range(k + 1))
+        return cls(torch.zeros(in_features, in_features, device=device), cuts=cuts)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
@@ -37,7 +48,25 @@ class Hessian:
         self.H.mul_(self.n / (self.n + t))
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.t(), x)
+        edges = list(zip(self.cuts[:-1], self.cuts[1:]))
+        if len(edges) <= 1:
+            self.H.addmm_(x.t(), x)
+            return
+        for i, (a, b) in enumerate(edges):
+            xa = x[:, a:b].t()
+            for c, d in edges[i:]:
+                self.H[a:b, c:d].addmm_(xa, x[:, c:d])
+        self.mirrored = False
+
+    def full(self) -> torch.Tensor:
+        """H with every block filled in (the lower blocks copied from the upper ones)."""
+        if not self.mirrored:
+            edges = list(zip(self.cuts[:-1], self.cuts[1:]))
+            for i, (a, b) in enumerate(edges):
+                for c, d in edges[i + 1:]:
+                    self.H[c:d, a:b] = self.H[a:b, c:d].t()
+            self.mirrored = True
+        return self.H
 
 
 ROWS = 256  # rows per step when a matrix is reordered in place

@@ -37,7 +37,7 @@ from lowbit.model.qlinear import QLinear, prepare_model, share_embedding
 from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_kept, set_submodule
 from lowbit.recipe import Recipe
 
-METHODS = ("rtn", "rtn-mse", "gptq", "awq", "smoothquant")
+METHODS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant")  # awq-gptq: AWQ scales folded, then GPTQ rounding
 OFFLOAD_MIN = 1 << 20  # elements: float tensors outside the blocks this large go back to disk during the loop
 Progress = Callable[[str, int, int], None]
 
@@ -223,7 +223,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
         _offload(model, early)
     n_blocks = len(layers)
     model_type = getattr(model.config, "model_type", "")
-    maps = mappings_for(model_type, method) if method in ("awq", "smoothquant") else ()
+    maps = mappings_for(model_type, method) if method in ("awq", "awq-gptq", "smoothquant") else ()
 
     # plain RTN with weight-only activations needs no statistics: skip both passes
     forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in plans)
@@ -239,8 +239,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
                    and by_name.get(bprefix + n) is not None and by_name[bprefix + n].spec is not None}
         for n, m in linears.items():
             check_finite(bprefix + n, m.weight.detach())
-        keep = max(1, options.awq_tokens // len(xs)) if method == "awq" else 0
-        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method == "gptq", keep)
+        keep = max(1, options.awq_tokens // len(xs)) if method in ("awq", "awq-gptq") else 0
+        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method in ("gptq", "awq-gptq"), keep)
         with torch.no_grad():
             if maps:
                 _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options, records)
@@ -402,7 +402,7 @@ def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options,
         if isinstance(prev, nn.Linear) and any(prev.out_features != w.shape[1] for w in ws):
             continue  # grouped-query attention: v_proj outputs feed several o_proj inputs
         first = stats[mp.layers[0]]
-        if method == "awq":
+        if method in ("awq", "awq-gptq"):
             specs = [by_name[bprefix + n].spec for n in mp.layers]
             s, ratio, _ = awq.search_scales(first.sample().to(ws[0].device), ws, specs, options.grid)
             records["awq_ratios"][bprefix + mp.prev] = ratio
@@ -426,9 +426,9 @@ def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, 
     """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place."""
     w = m.weight.detach()
     qt = None
-    if method == "gptq":
+    if method in ("gptq", "awq-gptq"):
         try:
-            qt = gptq.gptq_quantize(w, st.H.H, spec, options.block_size, options.damp, options.act_order, st.factors,
+            qt = gptq.gptq_quantize(w, st.H.full(), spec, options.block_size, options.damp, options.act_order, st.factors,
                                     consume)
         except gptq.HessianError as e:
             warnings.warn(f"module {name}: GPTQ could not run ({e}); this layer fell back to round-to-nearest. "

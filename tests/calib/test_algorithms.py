@@ -34,8 +34,8 @@ def test_gptq_beats_rtn(spec, act_order):
     H = gptq.Hessian.empty(x.shape[1])
     for chunk in x.split(300):  # streaming accumulation equals the one-shot 2/n X^T X
         H.add(chunk)
-    torch.testing.assert_close(H.H, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-3)
-    qt = gptq.gptq_quantize(w, H.H, spec, block_size=32, act_order=act_order)
+    torch.testing.assert_close(H.full(), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+    qt = gptq.gptq_quantize(w, H.full(), spec, block_size=32, act_order=act_order)
     rtn = out_err(x, w, qdq(w, spec))
     err = out_err(x, w, dequantize_tensor(qt))
     assert err < 0.5 * rtn, (err, rtn)  # measured: 0.02-0.10x of RTN's error on this layer
@@ -145,3 +145,20 @@ def test_inverse_cholesky_factor_is_upper_and_inverts_the_damped_hessian(ordered
     damped.diagonal().copy_(fixed + 0.01 * fixed.mean())
     assert torch.equal(U, U.triu())
     assert torch.allclose(U.t() @ U, torch.linalg.inv(damped), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("d", [300, 1100])
+def test_hessian_from_upper_blocks_equals_the_whole_product(d, monkeypatch):
+    monkeypatch.setattr(gptq, "SYM_BLOCK", 128)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(700, d, generator=g)
+    H = gptq.Hessian.empty(d)
+    assert len(H.cuts) - 1 == d // 128 and H.cuts[-1] == d
+    for chunk in x.split(250):
+        H.add(chunk)
+    H.H /= 2.0  # a rescale (as AWQ's folding does) before the mirror applies to every block alike
+    full = H.full()
+    torch.testing.assert_close(full, x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-4)
+    assert torch.equal(full, full.t())
+    H.add(x[:10])  # more samples after a read: mirrored again on the next read
+    assert torch.equal(H.full(), H.full().t())

@@ -35,12 +35,13 @@ def same_state(a, b) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq-gptq"])
 def test_streaming_equals_in_memory(tiny_dir, method):
     streamed = quantize_calibrated(str(tiny_dir), W4, method, TEXTS, samples=2, seq_len=48, options=FAST).model
     in_memory = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, method, calib(), options=FAST)
     assert same_state(streamed, in_memory)
     assert streamed.lowbit_calibration["method"] == method
+    assert ("awq_ratios" in streamed.lowbit_calibration) == method.startswith("awq")
     assert set(streamed.lowbit_imatrix) == {p.name for p in streamed.lowbit_plan if p.spec is not None}
 
 
@@ -198,3 +199,19 @@ def test_head_in_row_blocks_equals_the_whole_matrix(spec):
     lin = nn.Linear(256, 100)
     chunked, whole = _rows_in_chunks(lin, spec, rows=16).state_dict(), QLinear.from_linear(lin, spec).state_dict()
     assert set(chunked) == set(whole) and all(torch.equal(chunked[k], whole[k]) for k in whole)
+
+
+def test_awq_gptq_folds_awq_scales_then_rounds_with_gptq(monkeypatch):
+    """awq-gptq: the same folded scales as awq, then GPTQ's rounding (not AWQ's clip search) on the
+    rescaled Hessian."""
+    from lowbit.calib import clip, gptq
+
+    used = []
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, real=gptq.gptq_quantize, **k: used.append("gptq") or real(*a, **k))
+    monkeypatch.setattr(clip, "clip_search", lambda *a, real=clip.clip_search, **k: used.append("clip") or real(*a, **k))
+    both = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "awq-gptq", calib(), options=FAST)
+    assert used and set(used) == {"gptq"}
+    awq_only = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "awq", calib(), options=FAST)
+    first = {k: v for k, v in awq_only.lowbit_calibration["awq_ratios"].items() if ".layers.0." in k}
+    assert first and all(both.lowbit_calibration["awq_ratios"][k] == v for k, v in first.items())  # block 0 sees the same inputs
+    assert both.lowbit_recipe.algorithm == "awq-gptq"
