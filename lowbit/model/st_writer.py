@@ -56,8 +56,12 @@ def _drop_cache(f) -> None:
 
 
 def write_tensors(path: str | Path, entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> int:
-    """Write `entries` to `path` as safetensors, in the given order. Returns the bytes written."""
+    """Write `entries` to `path` as safetensors (widest dtypes first, otherwise in the given order).
+    Returns the bytes written."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    # wider dtypes first (a stable sort), so every tensor starts at a multiple of its element size,
+    # as safetensors' own writer arranges; readers find tensors by name, not by position
+    entries = sorted(entries, key=lambda e: -torch.empty(0, dtype=e.dtype).element_size())
     pos = 0
     for e in entries:
         if e.dtype not in NAMES:

@@ -144,3 +144,20 @@ def test_a_wider_float_is_cast_to_its_declared_dtype_in_chunks(tmp_path, monkeyp
         assert torch.equal(f.get_tensor("w"), t.bfloat16())
     with pytest.raises(ValueError, match="declared torch.int8"):
         write_tensors(tmp_path / "d.safetensors", [Entry("w", torch.int8, (5, 9), lambda: t)])
+
+
+def test_every_tensor_starts_at_a_multiple_of_its_element_size(tmp_path):
+    import json
+    import struct
+
+    entries = [entry_of("odd", torch.zeros(3, dtype=torch.uint8)), entry_of("half", torch.zeros(5, dtype=torch.float16)),
+               entry_of("perm", torch.arange(7)), entry_of("w", torch.ones(3))]
+    write_tensors(tmp_path / "a.safetensors", entries)
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert (8 + n) % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    size = {"U8": 1, "F16": 2, "I64": 8, "F32": 4}
+    assert all(v["data_offsets"][0] % size[v["dtype"]] == 0 for v in header.values())
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("perm"), torch.arange(7)) and torch.equal(f.get_tensor("odd"), torch.zeros(3, dtype=torch.uint8))
