@@ -2,7 +2,7 @@
 bundled model.
 
     .venv/bin/python benchmarks/calib_memory.py capped [--layers 22 --hidden 2048 --intermediate 5632]
-        [--cap-gb 2.5] [--method gptq] [--samples 8] [--seq-len 256]
+        [--cap-gb 2.0] [--limit cgroup|rlimit] [--method gptq] [--samples 8] [--seq-len 256]
     .venv/bin/python benchmarks/calib_memory.py speed [--model smollm2-135m] [--samples 128] [--seq-len 512]
 
 capped: saves a random-initialised Llama (default about 1.2B parameters, 4.8 GB as FP32 safetensors),

@@ -38,6 +38,8 @@ from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_ke
 from lowbit.recipe import Recipe
 
 METHODS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant")  # awq-gptq: AWQ scales folded, then GPTQ rounding
+AWQ_SCALES = ("awq", "awq-gptq")  # methods that search AWQ scales (and keep activation rows for it)
+GPTQ_ROUNDING = ("gptq", "awq-gptq")  # methods that accumulate Hessians and round with GPTQ
 OFFLOAD_MIN = 1 << 20  # elements: float tensors outside the blocks this large go back to disk during the loop
 Progress = Callable[[str, int, int], None]
 
@@ -223,7 +225,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
         _offload(model, early)
     n_blocks = len(layers)
     model_type = getattr(model.config, "model_type", "")
-    maps = mappings_for(model_type, method) if method in ("awq", "awq-gptq", "smoothquant") else ()
+    maps = mappings_for(model_type, method) if method in (*AWQ_SCALES, "smoothquant") else ()
 
     # plain RTN with weight-only activations needs no statistics: skip both passes
     forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in plans)
@@ -239,8 +241,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
                    and by_name.get(bprefix + n) is not None and by_name[bprefix + n].spec is not None}
         for n, m in linears.items():
             check_finite(bprefix + n, m.weight.detach())
-        keep = max(1, options.awq_tokens // len(xs)) if method in ("awq", "awq-gptq") else 0
-        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method in ("gptq", "awq-gptq"), keep)
+        keep = max(1, options.awq_tokens // len(xs)) if method in AWQ_SCALES else 0
+        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method in GPTQ_ROUNDING, keep)
         with torch.no_grad():
             if maps:
                 _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options, records)
@@ -362,8 +364,9 @@ def _offload(model: nn.Module, names: list[str]) -> None:
     """Put float tensors read from the checkpoint back on the meta device (they are read again later)."""
     from lowbit.model.load import _set_tensor
 
+    params = dict(model.named_parameters())
     for n in names:
-        t = model.get_parameter(n) if n in dict(model.named_parameters()) else None
+        t = params.get(n)
         if t is not None and t.is_floating_point() and t.numel() >= OFFLOAD_MIN:
             _set_tensor(model, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
@@ -402,7 +405,7 @@ def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options,
         if isinstance(prev, nn.Linear) and any(prev.out_features != w.shape[1] for w in ws):
             continue  # grouped-query attention: v_proj outputs feed several o_proj inputs
         first = stats[mp.layers[0]]
-        if method in ("awq", "awq-gptq"):
+        if method in AWQ_SCALES:
             specs = [by_name[bprefix + n].spec for n in mp.layers]
             s, ratio, _ = awq.search_scales(first.sample().to(ws[0].device), ws, specs, options.grid)
             records["awq_ratios"][bprefix + mp.prev] = ratio
@@ -426,7 +429,7 @@ def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, 
     """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place."""
     w = m.weight.detach()
     qt = None
-    if method in ("gptq", "awq-gptq"):
+    if method in GPTQ_ROUNDING:
         try:
             qt = gptq.gptq_quantize(w, st.H.full(), spec, options.block_size, options.damp, options.act_order, st.factors,
                                     consume)
