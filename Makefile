@@ -1,8 +1,12 @@
-# The two set-up commands of the README: `make demo` and `make test`. Both install from nothing.
-.PHONY: setup demo test test-fast bench
+# The two set-up commands of the README: `make demo` and `make test`. Both install from nothing;
+# the demo installs only what it needs (no llama.cpp build), the tests everything.
+.PHONY: setup setup-test demo test test-fast test-native bench
 
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh demo
+
+setup-test:
+	@bash scripts/setup.sh test
 
 demo: setup
 	.venv/bin/lowbit quantize --model smollm2-135m --recipe w4-g128 --method gptq --calib mix --samples 16 --seq-len 256 \
@@ -11,14 +15,19 @@ demo: setup
 	.venv/bin/lowbit generate out/smollm2-w4 --prompt "What is the capital of France?"
 
 # Everything, the slow real-model tests included (CI runs this).
-test: setup
+test: setup-test
 	.venv/bin/python -m pytest -q
 
-test-fast: setup
+test-fast: setup-test
 	.venv/bin/python -m pytest -q -m "not slow"
 
+# The native kernels on every instruction-set path this CPU has, built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (also part of `make test`, as a slow test).
+test-native: setup-test
+	.venv/bin/python -m pytest -q tests/model/test_native.py tests/model/test_native_sanitized.py
+
 # Every benchmark that writes docs/BENCHMARKS.md (a few hours on 2 cores).
-bench: setup
+bench: setup-test
 	.venv/bin/python benchmarks/presets.py
 	.venv/bin/python benchmarks/load_memory.py
 	.venv/bin/python benchmarks/gate.py

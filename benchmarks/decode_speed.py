@@ -49,21 +49,18 @@ from benchmarks.presets import write_section  # noqa: E402
 SOURCE_GRID = {"smollm2-135m": "The bundled SmolLM2's weights sit on a Q4_1 grid, which changes nothing here but quality.",
                "gemma3-270m": "Gemma-3-270M's weights were shipped mostly on a Q5_0 grid, which changes nothing here but quality."}
 LOWBIT_ROWS = ("fp32", "bf16", "int8", "w4-g128", "w8a8-dynamic")
+PATH_ROWS = ("int8", "w4-g128")  # also run on every lower native path, and on torch's kernels alone
+TORCH_OF = {"fp32": "fp32", "int8": "int8 torch", "w4-g128": "w4-g128 torch"}
 LLAMA_ROWS = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
 
 
 def cpu_name() -> str:
-    """CPU model and the vector level torch dispatches to (the kernels' speed depends on both)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    """CPU model, the vector level torch dispatches to, and lowbit's native path (speed depends on all three)."""
     from lowbit.model.kernels import REDUCE_RANGE
 
-    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, " + \
-        ("no VNNI (int8dyn keeps 7-bit activations)" if REDUCE_RANGE else "VNNI")
+    return (f"{native.cpu_name()}, instruction-set paths it runs: {', '.join(native.supported_isas())}; "
+            f"default native path {native.isa() or 'none'}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, " + ("no VNNI (int8dyn keeps 7-bit activations)" if REDUCE_RANGE else "VNNI"))
 
 
 def read_bandwidth() -> float:
@@ -90,6 +87,13 @@ def matmul_bytes(model) -> int:
 
 
 def lowbit_model(name: str, row: str):
+    if row.endswith(" torch"):  # quantized as `row`, its modules packed for torch's kernels (LOWBIT_NATIVE=0)
+        from lowbit.model.qlinear import prepare_model
+
+        model = lowbit_model(name, row.split()[0])
+        with native.disabled():
+            prepare_model(model, warn=False)
+        return model
     if row == "bf16":
         return load_model(name, dtype=torch.bfloat16).model
     model = load_model(name).model
@@ -140,6 +144,8 @@ def native_divergence(models: dict, text_ids: list[int], prompt: int = 128, step
     def run(model, use_native: bool) -> tuple[torch.Tensor, bool]:
         ctx = native.disabled() if not use_native else contextlib.nullcontext()
         with ctx:
+            if not use_native:
+                model = models[TORCH_OF[row]]  # the same quantized weights, packed for torch's kernels
             dec = LeanDecoder(model, 1, prompt + steps + 1)
             out = [dec.prefill(ids[:, :prompt])]
             with decoding(dec):
@@ -147,6 +153,7 @@ def native_divergence(models: dict, text_ids: list[int], prompt: int = 128, step
                     out.append(dec.step(ids[:, i:i + 1]))
         return torch.cat(out).float().log_softmax(-1), dec.native is not None
 
+    row = "fp32"
     base, _ = run(models["fp32"], False)
     res = {}
     for row in ("int8", "w4-g128"):
@@ -166,7 +173,7 @@ def engine_of(model, batch: int) -> str:
     if LeanDecoder(model, batch, 8).native is not None:
         return "native step"
     small = uses_native_kernels(model)
-    return "lean loop" + (f" (native kernels for <= {native.MAX_ROWS} rows)" if small else "")
+    return "lean loop" + (f" (native kernels below {native.DEQUANT_ROWS} rows)" if small else "")
 
 
 class LlamaRow:
@@ -250,7 +257,7 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     print(f"loading {len(LOWBIT_ROWS)} lowbit variants of {args.model}", flush=True)
-    models = {row: lowbit_model(args.model, row) for row in LOWBIT_ROWS}
+    models = {row: lowbit_model(args.model, row) for row in (*LOWBIT_ROWS, *(TORCH_OF[r] for r in PATH_ROWS))}
     tok = load_tokenizer(float_folder(sources.resolve(args.model))[0])
     text_ids = tok(wikipedia_text(max_chars=40_000), add_special_tokens=False)["input_ids"]
     P, N = args.prompt_tokens, args.new_tokens
@@ -263,13 +270,22 @@ def main() -> None:
             path = llamacpp.baseline_gguf(args.model) if t == "F32" else llamacpp.llama_quantized(args.model, t)
             llama[t] = LlamaRow(path, P + N + 8)
     bw = read_bandwidth()
-    rows = [("lowbit", r, b) for r in LOWBIT_ROWS for b in (1, 8)] + [("llama.cpp", t, 1) for t in llama]
+    lower = native.supported_isas()[1:] if native.available() else []  # the paths below the default one
+    rows = ([("lowbit", r, b) for r in LOWBIT_ROWS for b in (1, 8)]
+            + [("lowbit", f"{r} [{isa}]", 1) for r in PATH_ROWS for isa in lower]
+            + [("lowbit", TORCH_OF[r], 1) for r in PATH_ROWS] + [("llama.cpp", t, 1) for t in llama])
     results: dict = {k: [] for k in rows}
     for rnd in range(args.rounds):
         order = rows[rnd % len(rows):] + rows[:rnd % len(rows)]
         for key in order:
             who, name, b = key
-            if who == "lowbit":
+            if who == "lowbit" and name.endswith("]"):  # a forced lower path
+                with native.using(name.split("[")[1][:-1]):
+                    results[key].append(time_lowbit(models[name.split()[0]], prompts[b], N))
+            elif who == "lowbit" and name.endswith(" torch"):
+                with native.disabled():
+                    results[key].append(time_lowbit(models[name], prompts[b], N))
+            elif who == "lowbit":
                 results[key].append(time_lowbit(models[name], prompts[b], N))
             else:
                 results[key].append(llama[name].time(prompts[1][0].tolist(), N))
@@ -282,11 +298,22 @@ def main() -> None:
         who, name, b = key
         pre, dec = med[key]
         if who == "lowbit":
-            model = models[name]
+            model = models[name.split(" [")[0]]
             nbytes = matmul_bytes(model)
             kernels = kernel_summary({n: m.plan for n, m in model.named_modules() if isinstance(m, QLinear) and m.plan})
+            if name.endswith(" torch"):
+                with native.disabled():
+                    loop = engine_of(model, b)
+                path = "torch's kernels (LOWBIT_NATIVE=0)"
+            elif name.endswith("]"):
+                isa = name.split("[")[1][:-1]
+                with native.using(isa):
+                    loop = engine_of(model, b)
+                path = f"native {isa} (forced)"
+            else:
+                loop, path = engine_of(model, b), f"native {native.isa()}" if native.available() else "no native code"
             how = (", ".join(sorted(kernels)) or ("bf16 F.linear" if name == "bf16" else "fp32 F.linear")) + \
-                f"; {engine_of(model, b)}"
+                f"; {loop}; {path}"
         else:
             nbytes, how = llama[name].weight_bytes(), "llama-cpp-python 0.3.36"
         gbs = nbytes * dec / 1e9 if b == 1 else None
@@ -295,9 +322,9 @@ def main() -> None:
     best = {n: med[("lowbit", n, 1)][1] for n in LOWBIT_ROWS}
     goals = []
     if llama:
-        for mine, theirs, want in (("int8", "Q8_0", 1.8), ("w4-g128", "Q4_0", 2.5)):
-            goals.append(f"- {mine}: {best[mine] / best['fp32']:.2f}x FP32 decode (goal >= {want}x), "
-                         f"{best[mine] / med[('llama.cpp', theirs, 1)][1]:.0%} of llama.cpp {theirs} (goal >= 60%)")
+        for mine, theirs in (("int8", "Q8_0"), ("w4-g128", "Q4_0")):
+            goals.append(f"- {mine} on the default path ({native.isa() or 'none'}): {best[mine] / best['fp32']:.2f}x FP32 "
+                         f"decode, {best[mine] / med[('llama.cpp', theirs, 1)][1]:.0%} of llama.cpp {theirs} (goal >= 100%)")
     body = [f"## Decode and prefill speed ({args.model})", "",
             f"Written by `benchmarks/decode_speed.py --model {args.model}` on {time.strftime('%Y-%m-%d')} "
             f"({cpu_name()}; 2 threads, torch {torch.__version__}): prompt {P} tokens of Wikipedia, "
@@ -308,17 +335,19 @@ def main() -> None:
             "| achieved GB/s (share of read bandwidth) | kernels; loop |",
             "|---|---|---|---|---|---|---|---|---|", *lines, ""]
     if goals:
-        body += ["Goals of issue 5 (batch-1 decode):", *goals, ""]
+        body += ["Goals (batch-1 decode, llama.cpp built with GGML_NATIVE on this CPU):", *goals, ""]
     body += ["Notes: quantized rows are the presets quantized in memory (the same tensors a saved artifact "
-             "reloads); their modules hold the packed tensors of the kernel named. 'native step': a whole batch-1 "
-             "decode step in lowbit's native code (lowbit/native/kernels.c: int8pack / int4pack products with "
-             "activations rounded to int8 in blocks of 32, as llama.cpp does for Q8_0 / Q4_0, float32 weights "
-             "for FP32). Prefill, and batch 8, run the lean loop (static KV cache, torch ops); there, up to "
-             f"{native.MAX_ROWS} rows go to the native int4/int8 products, from {native.DEQUANT_ROWS} rows on the "
-             "weights are dequantized to float once per call for one float GEMM, in between torch's int8pack / "
-             "int4pack run (bf16 activations); int8dyn is PyTorch's quantized linear (fbgemm/oneDNN) on per-token-scaled int8 "
-             "activations. bf16 is the whole model cast to bf16. Models the lean loop does not cover run "
-             "transformers' forward with its dynamic cache ('hf loop'). "
+             "reloads); their modules hold lowbit's own q4 / q8 layouts (lowbit/native/layout.py), or torch's int4pack "
+             "in the rows marked 'torch'. 'native step': a whole batch-1 decode step in lowbit's native code "
+             "(lowbit/native/kernels.c, built per instruction set: activations rounded to int8 in blocks of 32, as "
+             "llama.cpp does for Q8_0 / Q4_0; float32 weights for FP32). Rows marked [path] force a lower "
+             "instruction-set path on this CPU (native.using, as LOWBIT_ISA does); 'torch' rows run with native code "
+             "off (as LOWBIT_NATIVE=0), on torch's int4pack / int8pack kernels with bf16 activations. Prefill, and "
+             f"batch 8, run the lean loop (static KV cache, torch ops); there, products of fewer than "
+             f"{native.DEQUANT_ROWS} rows go to the native int4/int8 products, from {native.DEQUANT_ROWS} rows on "
+             "the weights are dequantized to float once per call for one float GEMM; int8dyn is PyTorch's "
+             "quantized linear (fbgemm/oneDNN) on per-token-scaled int8 activations. bf16 is the whole model cast "
+             "to bf16. Models the lean loop does not cover run transformers' forward with its dynamic cache ('hf loop'). "
              f"{SOURCE_GRID.get(args.model, '')}"]
     nd = native_divergence(models, text_ids)
     body += ["", f"What the native path costs in quality ({nd['steps']} teacher-forced decode steps after a "

@@ -39,6 +39,9 @@ def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from lowbit import native
+
+            native.requested_isa()  # a bad LOWBIT_ISA fails before any work
             return fn(*args, **kwargs)
         except LowbitError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -216,8 +219,9 @@ def generate(
 ) -> None:
     """Generate text from a model, streaming tokens as they come. Quantized modules run on the fastest
     CPU kernel their format has (see `lowbit info`); at batch 1 a Llama-layout or Gemma 3 model decodes
-    each token in one call of lowbit's native code (LOWBIT_NATIVE=0 turns it off). The memory the
-    loaded model holds and the engine used are printed.
+    each token in one call of lowbit's native code, on the best instruction-set path the CPU has
+    (avx512vnni, avx512, avx2 or generic; LOWBIT_ISA forces one, LOWBIT_NATIVE=0 turns native code off).
+    The memory the loaded model holds, the engine and the native path used are printed.
 
     Example: lowbit generate out/smollm2-w4 --prompt "Explain quantization in one sentence." --kv-cache int8
     """
@@ -251,7 +255,10 @@ def generate(
         from lowbit.runtime.decode import engine_label
 
         used = engine_label(m, kv_cache)
-    err.print(f"[dim]model in memory: {_human(weight_bytes(m))}; kernels: {ktext}; engine: {used}; kv-cache: {kv_cache}[/]")
+    from lowbit import native
+
+    err.print(f"[dim]model in memory: {_human(weight_bytes(m))}; kernels: {ktext}; engine: {used}; kv-cache: {kv_cache}; "
+              f"{native.describe()}[/]", highlight=False)
     t0 = time.perf_counter()
     n = generate_text(m, loaded.tokenizer, prompt, max_new_tokens, temperature, chat,
                       on_text=lambda s: (out.print(s, end="", highlight=False, markup=False), sys.stdout.flush()),
@@ -296,6 +303,9 @@ def info(
             notes[row["note"]] = notes.get(row["note"], 0) + 1
     for note, n in notes.items():
         out.print(f"note: {note} ({n} module(s))", highlight=False)
+    from lowbit import native
+
+    out.print(f"CPU kernels here: {native.describe()}", highlight=False)
 
 
 @app.command()

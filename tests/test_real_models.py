@@ -128,3 +128,26 @@ def test_default_gate_passes_int8_and_fails_a_damaged_candidate(smol):
     assert not verdicts["damaged"]["passed"]
     failed = {c["name"] for c in verdicts["damaged"]["criteria"] if not c["passed"]}
     assert "mean KLD" in failed
+
+
+@pytest.mark.parametrize("preset", ["w4-g128", "int8"])
+def test_every_cpu_path_answers_a_factual_prompt(preset):
+    """The bundled model quantized once, then greedy generation on every native instruction-set path this
+    CPU can run (each forced in turn) and on torch's kernels alone: each names Paris."""
+    import warnings
+
+    from lowbit import native
+    from lowbit.model.qlinear import prepare_model
+
+    loaded = load_model("smollm2-135m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(loaded.model, preset)
+    answers = {}
+    for isa in native.supported_isas() if native.available() else []:
+        with native.using(isa):
+            answers[isa] = complete(loaded.model, loaded.tokenizer, QUESTION, 12)
+    with native.disabled():
+        prepare_model(loaded.model, warn=False)  # torch's own packing and kernels
+        answers["torch"] = complete(loaded.model, loaded.tokenizer, QUESTION, 12)
+    assert all("Paris" in a for a in answers.values()), answers

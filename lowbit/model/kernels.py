@@ -6,14 +6,22 @@ kernel here therefore owns its activation dtype: it casts the input to what the 
 output back, so a caller can never reach the slow combination by accident.
 
     kernel     formats                                            how
-    int8pack   int8 symmetric, per channel / per tensor           aten._weight_int8pack_mm, bf16 x
-    int4pack   int 2-4 bit, groups of 32-256 (or per channel),    aten._weight_int4pack_mm_for_cpu, bf16 x;
-               symmetric, int or float zero point, act-order      codes unpacked to 0..15 and re-packed
+    int8pack   int8 symmetric, per channel / per tensor           native q8 products (lowbit/native) below
+                                                                  native.DEQUANT_ROWS rows, else one float GEMM;
+                                                                  without native code aten._weight_int8pack_mm, bf16 x
+    int4pack   int 2-4 bit, groups of 32-256 (or per channel),    native q4 layout and products (lowbit/native/layout.py)
+               symmetric, int or float zero point, act-order      where the shape allows (rows a multiple of 32);
+                                                                  else torch's _weight_int4pack_mm_for_cpu, bf16 x,
+                                                                  on torch's own packing (read by torch only)
     int8dyn    int8 symmetric per channel, int8_dynamic/static    a real int8 x int8 GEMM: quantized::linear_dynamic
                activations                                        (fbgemm/oneDNN) on rows scaled to [-1, 1] by their
                                                                   own absmax (so activations are per token), rescaled
     bf16deq    fp8, nf4, anything else                            dequantize to bf16, bf16 F.linear
                (no fast kernel: the reference path in bf16)
+
+Which layout an int4pack module holds is decided when it is prepared: lowbit's q4 layout when the
+native kernels are available and the shape fits (`"p" in packed`), torch's int4pack otherwise
+(`"sz" in packed`). Only one is ever held. No C code reads torch's packing.
 
 `plan_kernel` says which applies and, when none of the fast ones does, why (for `lowbit info` and
 the one warning). `pack` builds the kernel's tensors from a QTensor; `run` multiplies.
@@ -29,11 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import native
+from lowbit.native import layout
 from lowbit.formats import QTensor, dequantize_tensor
 from lowbit.formats.qtensor import int_codes, zero_of
 
 INT4_GROUPS = (256, 128, 64, 32)
-NATIVE_KERNELS = ("int4pack", "int8pack")  # whose packed tensors lowbit/native also reads  # what _weight_int4pack_mm_for_cpu accepts
+NATIVE_KERNELS = ("int4pack", "int8pack")  # the formats lowbit/native has products for
 
 
 @dataclass(frozen=True)
@@ -87,9 +96,8 @@ def plan_for(spec, in_features: int, has_perm: bool = False, out_features: int =
 # -- packing ---------------------------------------------------------------------------------------
 def pack(qt: QTensor, plan: KernelPlan) -> dict[str, torch.Tensor]:
     t = qt.tensors
-    if plan.name == "int8pack":
-        scale = t["scale"].float().reshape(-1).expand(qt.shape[0]).contiguous()
-        return {"w": t["qdata"], "s": scale.to(torch.bfloat16)}
+    if plan.name == "int8pack":  # the stored codes themselves (no copy) and float32 scales (a copy, rows x 4 bytes)
+        return {"w": t["qdata"], "s": t["scale"].float().reshape(-1).expand(qt.shape[0]).clone()}
     if plan.name == "int4pack":
         return _pack_int4(qt, plan.group)
     if plan.name == "int8dyn":
@@ -100,6 +108,11 @@ def pack(qt: QTensor, plan: KernelPlan) -> dict[str, torch.Tensor]:
             qw = torch._make_per_channel_quantized_tensor(t["qdata"], scale, torch.zeros(rows, dtype=torch.long), 0)
             return {"linear": torch.ops.quantized.linear_prepack(qw, None)}
     return {}
+
+
+def native_layout(p: dict) -> bool:
+    """Whether an int4pack module holds lowbit's q4 layout (else torch's int4pack)."""
+    return "p" in p
 
 
 def int8_codes(p: dict) -> torch.Tensor:
@@ -122,24 +135,29 @@ REDUCE_RANGE = not _has_vnni()
 
 
 def _pack_int4(qt: QTensor, g: int) -> dict[str, torch.Tensor]:
-    """Codes to 0..15 and (scale, zero) per kernel group with w = (u - 8) * scale + zero."""
+    """Codes as 0..15 and, per kernel group, weight = code * scale + offset: in lowbit's q4 layout when
+    the native kernels can run it, else in torch's int4pack (w = (u - 8) * scale + zero, bf16)."""
     spec, t = qt.spec, qt.tensors
     rows, cols = qt.shape
     q = int_codes(qt).to(torch.int32)  # signed (symmetric) or 0..2**b-1
     zero = zero_of(t)
     s = t["scale"].float()  # (rows or 1, n_groups)
-    if zero is None:  # symmetric: u = q + 8 and w = s * q = (u - 8) * s
-        u, z = q + 8, torch.zeros_like(s)
-    elif zero.is_floating_point():  # w = s * q + m = (q - 8) * s + (m + 8 s)
-        u, z = q, zero.float() + 8 * s
-    else:  # w = s * (q - zp) = (q - 8) * s + (8 - zp) * s
-        u, z = q, (8 - zero.float()) * s
-    s, z = s.expand(rows, -1), z.expand(rows, -1)
+    if zero is None:  # symmetric: u = q + 8 and w = s * q = s * u - 8 s
+        u, off = q + 8, -8 * s
+    elif zero.is_floating_point():  # w = s * q + m
+        u, off = q, zero.float().expand_as(s)
+    else:  # w = s * (q - zp)
+        u, off = q, -zero.float() * s
+    s, off = s.expand(rows, -1), off.expand(rows, -1)
     rep = (cols if spec.granularity != "group" else spec.group_size) // g  # kernel groups per format group
-    s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)  # (rows, cols // g)
-    sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()  # (cols // g, rows, 2)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
-    out = {"w": packed, "sz": sz}
+    s, off = s.repeat_interleave(rep, dim=1), off.repeat_interleave(rep, dim=1)  # (rows, cols // g)
+    out: dict[str, torch.Tensor] = {}
+    if native.available() and native.int4_supported(cols, rows, g):
+        out["w"], out["p"] = layout.pack_q4(u, s, off, g)
+    else:
+        z = off + 8 * s  # torch's form: w = (u - 8) * s + z
+        out["sz"] = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()  # (cols // g, rows, 2)
+        out["w"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
     if "perm" in t:
         out["perm"] = t["perm"].long()
     return out
@@ -154,16 +172,20 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
     else:
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        if plan.name in NATIVE_KERNELS and (rows <= native.MAX_ROWS or rows >= native.DEQUANT_ROWS) \
-                and _native_fits(plan, p, x2.shape[1]):
-            y = _native(plan, p, x2, out_features) if rows <= native.MAX_ROWS else _dequantized_gemm(plan, p, x2, out_features)
+        small = rows < native.DEQUANT_ROWS
+        if plan.name in NATIVE_KERNELS and (native_layout(p) or plan.name == "int8pack"):
+            if small and native.available() and _native_fits(plan, p, x2.shape[1]):
+                y = _native(plan, p, x2, out_features)
+            elif small and plan.name == "int8pack" and p["w"].data_ptr() % 64 == 0:
+                # no native code: torch's int8 kernel (it has crashed on weights not 64-byte aligned)
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), p["w"], p["s"].to(torch.bfloat16)).float()
+            else:
+                y = _dequantized_gemm(plan, p, x2, out_features)  # prefill, or no native code for this layout
             if bias is not None:
                 y = y + bias.float()
             return y.to(x.dtype).reshape(*shape, out_features)
         xb = x2.to(torch.bfloat16)
-        if plan.name == "int8pack":
-            y = torch.ops.aten._weight_int8pack_mm(xb, p["w"], p["s"])
-        elif plan.name == "int4pack":
+        if plan.name == "int4pack":  # torch's int4pack (native code unavailable when it was packed)
             if "perm" in p:
                 xb = xb.index_select(-1, p["perm"])
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p["w"], plan.group, p["sz"])
@@ -176,32 +198,31 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
 
 
 def _native_fits(plan: KernelPlan, p: dict, cols: int) -> bool:
-    if not native.available():
-        return False
     if plan.name == "int8pack":
         return native.int8_supported(cols)
-    return native.int4_supported(cols, p["sz"].shape[1], plan.group)
+    return True  # q4 layout: packed only where it fits
 
 
 def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Small batches (decode): lowbit's native kernels on the same packed tensors (lowbit/native)."""
+    """Small batches (decode): lowbit's native kernels on its own layouts (lowbit/native)."""
     if plan.name == "int8pack":
         return native.int8_mm(x2, p["w"], p["s"])
     if "perm" in p:
         x2 = x2.index_select(-1, p["perm"])
-    return native.int4_mm(x2, p["w"], plan.group, p["sz"], out_features, plan.center)
+    return native.int4_mm(x2, p["w"], p["p"], plan.group, out_features, plan.center)
 
 
 def _dequantized_gemm(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Many rows (prefill): float32 weights made once per call, then one float GEMM. At this size the
-    product is compute-bound, and torch's int4pack / int8pack unpack the weights again for every row
-    block (0.5-0.6x the FP32 model's prefill speed here, docs/BENCHMARKS.md)."""
+    """Many rows (prefill), or no native code: float32 weights made once per call, then one float GEMM.
+    At this size the product is compute-bound, and rounding activations to int8 would only add error."""
     x2 = x2.float()
     if plan.name == "int8pack":
-        return torch.mm(x2, p["w"].t().float()) * p["s"].float()
+        return torch.mm(x2, p["w"].t().float()) * p["s"]
     if "perm" in p:
         x2 = x2.index_select(-1, p["perm"])
-    return torch.mm(x2, native.int4_dequant_t(p["w"], plan.group, p["sz"], out_features))
+    if native.available():
+        return torch.mm(x2, native.int4_dequant_t(p["w"], p["p"], plan.group, out_features))
+    return torch.mm(x2, layout.q4_weight(p["w"], p["p"], out_features, x2.shape[1], plan.group).t())
 
 
 def _int8_gemm(x2: torch.Tensor, p: dict, activation: str, input_scale) -> torch.Tensor:
@@ -215,10 +236,12 @@ def _int8_gemm(x2: torch.Tensor, p: dict, activation: str, input_scale) -> torch
     return torch.ops.quantized.linear_dynamic(xn, p["linear"], REDUCE_RANGE) * amax
 
 
-def int4_codes(p: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
-    """The 0..15 codes (rows, cols) back out of an int4pack weight. The packed layout is torch's own,
-    so read it through the kernel: identity activations with scale 1 and zero 8 return the codes."""
-    rows = p["sz"].shape[1]
+def int4_codes(p: dict[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """The 0..15 codes (rows, cols) back out of an int4pack module's kernel tensors. lowbit's q4 layout
+    is unpacked directly; torch's int4pack is private to torch, so it is read through torch's own kernel:
+    identity activations with scale 1 and zero 8 return the codes."""
+    if native_layout(p):
+        return layout.unpack_q4(p["w"], rows, cols)
     sz = torch.stack([torch.ones(cols // 32, rows), torch.full((cols // 32, rows), 8.0)], -1).to(torch.bfloat16)
     out = torch.empty(rows, cols, dtype=torch.int32)
     for i in range(0, cols, 1024):  # identity rows in blocks keep the temporary small

@@ -25,7 +25,9 @@ from torch import nn
 
 from lowbit.formats import QTensor, QuantSpec, dequantize_tensor, quantize_tensor
 from lowbit.formats import packing
+from lowbit import native
 from lowbit.model import kernels
+from lowbit.native import layout
 
 KERNEL_MODES = ("auto", "reference")
 
@@ -66,7 +68,7 @@ class QLinear(nn.Module):
         if name == "qdata" and "qdata" not in self._buffers and self.plan.name == "int8dyn":
             return kernels.int8_codes(self._packed)  # the prepacked GEMM weight holds the codes
         if name == "qdata" and "qdata" not in self._buffers:  # int4pack holds the codes packed its own way
-            codes = kernels.int4_codes(self._packed, self.in_features)
+            codes = kernels.int4_codes(self._packed, self.out_features, self.in_features)
             if self.spec.symmetric:
                 codes = codes - 8 + 2 ** (self.spec.bits - 1)  # kernel codes are q + 8; storage is q + 2**(b-1)
             return packing.pack(codes, self.spec.bits) if self.spec.bits < 8 else codes.to(torch.uint8)
@@ -200,6 +202,8 @@ class FusedQLinear:
         if len(mods) < 2 or not all(isinstance(m, QLinear) and m.plan is not None for m in mods):
             return None
         p0 = mods[0].plan
+        if not native.available() or (p0.name == "int4pack" and not kernels.native_layout(mods[0]._packed)):
+            return None  # only lowbit's own layouts are concatenated (torch's packing is its own business)
         if p0.name not in cls.KERNELS or any(m.plan != p0 or m.spec != mods[0].spec or m.bias is not None
                                              or m.in_features != mods[0].in_features for m in mods):
             return None
@@ -210,27 +214,37 @@ class FusedQLinear:
         packed = {"w": w}
         if p0.name == "int8pack":
             packed["s"] = torch.cat([m._packed["s"] for m in mods])
-        else:
-            packed["sz"] = torch.cat([m._packed["sz"] for m in mods], dim=1)
+        else:  # q4: row blocks of 32, so each module's rows are a run of blocks in both tensors
+            packed["p"] = torch.cat([m._packed["p"] for m in mods])
+            if any(m._packed["p"].dtype != packed["p"].dtype for m in mods):
+                return None
         if perms[0] is not None:
             packed["perm"] = perms[0]
-        start = 0
+        start, unit = 0, cls._unit(p0)
         for m in mods:  # each module's weight becomes its rows of the concatenation
-            n = m.out_features
-            m._packed["w"] = w[start:start + n]
+            a, b = start // unit, (start + m.out_features) // unit
+            m._packed["w"] = w[a:b]
             if p0.name == "int8pack":  # int8pack's weight is the stored codes themselves: share them too
-                m._packed["s"] = packed["s"][start:start + n]
+                m._packed["s"] = packed["s"][a:b]
                 m._buffers["qdata"] = m._packed["w"]
-            start += n
+            else:
+                m._packed["p"] = packed["p"][a:b]
+            start += m.out_features
         return cls(mods, packed)
+
+    @staticmethod
+    def _unit(plan) -> int:
+        """Output rows per index of the kernel weight's first dimension (q4: blocks of 32 rows)."""
+        return layout.ROWS if plan.name == "int4pack" else 1
 
     def current(self) -> bool:
         """False once a module was re-prepared (its kernel weight is no longer a slice of ours)."""
         w = self.packed["w"]
         row = w.stride(0) * w.element_size()
-        start = 0
+        start, unit = 0, self._unit(self.plan)
         for m, n in zip(self.mods, self.sizes):
-            if m.plan != self.plan or m._packed.get("w") is None or m._packed["w"].data_ptr() != w.data_ptr() + start * row:
+            if m.plan != self.plan or m._packed.get("w") is None \
+                    or m._packed["w"].data_ptr() != w.data_ptr() + start // unit * row:
                 return False
             start += n
         return True

@@ -2,13 +2,13 @@
 
 At 135M parameters the lean Python loop spends most of a token on ~1000 small torch ops, not on
 the weights. This runs the whole step (norms, projections, rotary embedding, attention over the
-cache, MLP, head) in one call, on the tensors the model already holds: QLinear's int4pack / int8pack
-kernel tensors, float Linear weights, the norm weights, and the LeanDecoder's own KV buffers, which
+cache, MLP, head) in one call, on the tensors the model already holds: QLinear's kernel tensors in
+lowbit's q4 / q8 layouts (layout.py), float Linear weights, the norm weights, and the LeanDecoder's own KV buffers, which
 its torch prefill filled. Nothing is copied but biases (to float32).
 
 `NativeStep.build(dec)` returns None, and `why` says why, unless: batch 1, float32 activations and KV
 cache, a model the lean loop runs (Llama layout: llama, mistral, qwen2; Gemma 3 text), and every
-projection on a kernel it has (int4pack with 32-row blocks, int8pack, float32 or bf16 Linear).
+projection on a kernel it has (int4 in lowbit's q4 layout, int8 per channel, float32 or bf16 Linear).
 """
 
 from __future__ import annotations
@@ -19,27 +19,12 @@ import torch
 from torch import nn
 
 from lowbit import native
+from lowbit.model import kernels
 from lowbit.model.qlinear import QLinear
 
 LIN_F32, LIN_BF16, LIN_INT4, LIN_INT8 = 1, 2, 3, 4
 NAMES = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    if getattr(lib, "_decoder_declared", False):
-        return
-    P, I, F, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
-    lib.lb_decoder_new.argtypes = [I, I, I, I, I, I, I, I, F, F]
-    lib.lb_decoder_new.restype = P
-    lib.lb_decoder_free.argtypes = [P]
-    lib.lb_decoder_set_globals.argtypes = [P, P, I, F]
-    lib.lb_decoder_set_layer.argtypes = [P, I, P, P, P, P, P, P, P, P, I, P, P]
-    lib.lb_decoder_set_linear.argtypes = [P, I, I, I, I, I, I, L, I, P, P, P, P]
-    lib.lb_decoder_set_linear.restype = I
-    lib.lb_decoder_step.argtypes = [P, P, I, P, I]
-    lib.lb_decoder_step.restype = I
-    lib._decoder_declared = True
 
 
 def linear_kernel(m: nn.Module) -> tuple[int, dict] | str:
@@ -49,9 +34,10 @@ def linear_kernel(m: nn.Module) -> tuple[int, dict] | str:
             m.prepare()
         p = m._packed
         if m.plan.name == "int4pack":
-            if not native.int4_supported(m.in_features, m.out_features, m.plan.group):
-                return f"int4 rows {m.out_features} / group {m.plan.group} (needs 32-row blocks)"
-            return LIN_INT4, {"w": p["w"], "s": p["sz"], "group": m.plan.group, "center": m.plan.center,
+            if not kernels.native_layout(p):
+                return (f"int4 rows {m.out_features} / group {m.plan.group} in torch's layout "
+                        f"(lowbit's q4 layout needs rows in blocks of 32)")
+            return LIN_INT4, {"w": p["w"], "s": p["p"], "group": m.plan.group, "center": m.plan.center,
                               "perm": p.get("perm")}
         if m.plan.name == "int8pack":
             if not native.int8_supported(m.in_features):
@@ -59,7 +45,7 @@ def linear_kernel(m: nn.Module) -> tuple[int, dict] | str:
             return LIN_INT8, {"w": p["w"], "s": p["s"]}
         return f"kernel {m.plan.name}"
     if isinstance(m, nn.Linear) and m.weight.dtype in (torch.float32, torch.bfloat16) and m.in_features % 8 == 0:
-        return (LIN_F32 if m.weight.dtype == torch.float32 else LIN_BF16), {"w": m.weight.detach()}
+        return (LIN_F32 if m.weight.dtype == torch.float32 else LIN_BF16), {"w": m.weight.detach().contiguous()}
     return f"module {type(m).__name__}"
 
 
@@ -110,10 +96,12 @@ class NativeStep:
         if perm is not None:
             perm = perm.long().contiguous()
         self.keep += [x for x in (w, s, bias, perm) if x is not None]
-        N = w.shape[0] if kind != LIN_INT4 else s.shape[1]
-        K = w.shape[1] if kind != LIN_INT4 else w.shape[1] * 2
+        if kind == LIN_INT4 and not (w.is_contiguous() and s.is_contiguous()):
+            raise RuntimeError(f"native decoder: layer {layer} projection {which} is not contiguous")
+        N = w.shape[0] if kind != LIN_INT4 else w.shape[0] * 32
+        K = w.shape[1] if kind != LIN_INT4 else w.shape[1] // 16
         rc = self.lib.lb_decoder_set_linear(self.ptr, layer, which, kind, N, K, t.get("group", 0),
-                                            s.stride(0) if kind == LIN_INT4 else 0, t.get("center", 8), w.data_ptr(),
+                                            int(s is not None and s.dtype == torch.float32), t.get("center", 8), w.data_ptr(),
                                             s.data_ptr() if s is not None else None,
                                             bias.data_ptr() if bias is not None else None,
                                             perm.data_ptr() if perm is not None else None)
@@ -130,8 +118,7 @@ class NativeStep:
             return None, f"{dec.dtype} activations"
         if not native.available():
             return None, native.why_not()
-        lib = native._load()
-        _declare(lib)
+        lib = native._load().lib
         plans = []
         for i, layer in enumerate(dec.layers):
             row = []

@@ -275,9 +275,11 @@ def uses_native_kernels(model) -> bool:
 
 
 def engine_label(model, kv_cache: str = "none") -> str:
-    """How the lean loop will decode one sequence: 'lean, native step' or 'lean, torch ops (why)'."""
+    """How the lean loop will decode one sequence: 'lean, native step (path)' or 'lean, torch ops (why)'."""
+    from lowbit import native
+
     why = LeanDecoder(model, 1, 1, kv_cache).native_why
-    return "lean, native step" if not why else f"lean, torch ops ({why})"
+    return f"lean, native step ({native.isa()})" if not why else f"lean, torch ops ({why})"
 
 
 class decoding:

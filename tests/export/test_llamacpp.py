@@ -87,7 +87,8 @@ def test_exact_q4_1_export_runs_in_llama_cpp_and_agrees(smol, samples, tmp_path)
     # llama.cpp rounds activations to 8 bits (Q8_1) in its Q4_1 dot products; lowbit computes in FP32
     assert d["mean_kld"] < 0.01 and d["top1"] > 0.9, d["mean_kld"]
     new = lm.generate(_chat_ids(smol.tokenizer, "What is the capital of France?"), 16)
-    assert len(new) == 16 and smol.tokenizer.decode(new).strip()
+    # llama.cpp may end its answer early (its AVX-512 build here stops after "... is Paris.")
+    assert 0 < len(new) <= 16 and smol.tokenizer.decode(new).strip()
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0"])

@@ -150,6 +150,11 @@ def test_lean_decode_fuses_projections_without_changing_tokens_or_memory(ids, pr
     held = sum(m.memory_bytes for m in model.modules() if isinstance(m, QLinear))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     dec = LeanDecoder(model, 1, 64)
+    from lowbit import native
+
+    if not native.available():  # fusing concatenates lowbit's own layouts only
+        assert all(f is None for f in dec.qkv + dec.gate_up)
+        return
     assert all(f is not None for f in dec.qkv + dec.gate_up)
     assert dec.qkv[0].plan.name == ("int8pack" if preset == "int8" else "int4pack")
     with torch.no_grad():
