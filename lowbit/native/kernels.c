@@ -360,20 +360,42 @@ typedef struct {
     float *y;
 } q4_args;
 
-/* the 32 scales and 32 offsets of (row block, group) as floats; offsets moved by center * scale */
-static inline void q4_params(const q4_args *a, int rb, int gi, float *sc, float *of) {
-    size_t at = ((size_t)rb * (a->K / a->group) + gi) * 64;
-    for (int r = 0; r < 32; r++) {
-        float s, o;
-        if (a->p_f32) {
-            s = ((const float *)a->p)[at + r];
-            o = ((const float *)a->p)[at + 32 + r];
-        } else {
-            s = f16_to_f32(((const uint16_t *)a->p)[at + r]);
-            o = f16_to_f32(((const uint16_t *)a->p)[at + 32 + r]);
+/* every group's 32 scales and 32 offsets of row block rb as floats, into sp (groups x 64); offsets moved
+ * by center * scale (sum u x = sum (u - c) x + c sum x). Once per row block, for all activation rows. */
+static void q4_params(const q4_args *a, int rb, float *sp) {
+    const int ng = a->K / a->group;
+    const size_t at = (size_t)rb * ng * 64;
+    const float c = (float)a->center;
+    for (int gi = 0; gi < ng; gi++) {
+        float *sc = sp + (size_t)gi * 64, *of = sc + 32;
+        int r = 0;
+#if defined(LB_AVX2)
+        const __m256 vc = _mm256_set1_ps(c);
+        for (; r < 32; r += 8) {
+            __m256 s, o;
+            if (a->p_f32) {
+                s = _mm256_loadu_ps((const float *)a->p + at + gi * 64 + r);
+                o = _mm256_loadu_ps((const float *)a->p + at + gi * 64 + 32 + r);
+            } else {
+                s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a->p + at + gi * 64 + r)));
+                o = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a->p + at + gi * 64 + 32 + r)));
+            }
+            _mm256_storeu_ps(sc + r, s);
+            _mm256_storeu_ps(of + r, _mm256_fmadd_ps(vc, s, o));
         }
-        sc[r] = s;
-        of[r] = o + (float)a->center * s; /* sum u x = sum (u - c) x + c sum x */
+#endif
+        for (; r < 32; r++) {
+            float sv, ov;
+            if (a->p_f32) {
+                sv = ((const float *)a->p)[at + gi * 64 + r];
+                ov = ((const float *)a->p)[at + gi * 64 + 32 + r];
+            } else {
+                sv = f16_to_f32(((const uint16_t *)a->p)[at + gi * 64 + r]);
+                ov = f16_to_f32(((const uint16_t *)a->p)[at + gi * 64 + 32 + r]);
+            }
+            sc[r] = sv;
+            of[r] = ov + c * sv;
+        }
     }
 }
 
@@ -385,9 +407,11 @@ static void q4_task(void *vp, int rb0, int rb1) {
 #if !defined(LB_VNNI)
     const __m512i ones = _mm512_set1_epi16(1);
 #endif
-    float sc[32] __attribute__((aligned(64))), of[32] __attribute__((aligned(64)));
+    float *sp = aligned_alloc(64, (size_t)ng * 64 * sizeof(float));
+    if (!sp) return;
     for (int rb = rb0; rb < rb1; rb++) {
         const uint8_t *wb = a->w + (size_t)rb * K * 16;
+        q4_params(a, rb, sp);
         for (int m = 0; m < a->M; m++) {
             const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
             const int32_t *is = a->isum + (size_t)m * nb;
@@ -429,7 +453,7 @@ static void q4_task(void *vp, int rb0, int rb1) {
                     g1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc1, off)), db, g1);
                     xsum += bs[k0 / 32];
                 }
-                q4_params(a, rb, gi, sc, of);
+                const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
                 const __m512 xs = _mm512_set1_ps(xsum);
                 out0 = _mm512_fmadd_ps(_mm512_load_ps(sc), g0, _mm512_fmadd_ps(_mm512_load_ps(of), xs, out0));
                 out1 = _mm512_fmadd_ps(_mm512_load_ps(sc + 16), g1, _mm512_fmadd_ps(_mm512_load_ps(of + 16), xs, out1));
@@ -439,15 +463,18 @@ static void q4_task(void *vp, int rb0, int rb1) {
             _mm512_storeu_ps(y + 16, out1);
         }
     }
+    free(sp);
 }
 #elif defined(LB_AVX2)
 static void q4_task(void *vp, int rb0, int rb1) {
     const q4_args *a = vp;
     const int K = a->K, G = a->group, ng = K / G, nb = K / 32;
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    float sc[32] __attribute__((aligned(32))), of[32] __attribute__((aligned(32)));
+    float *sp = aligned_alloc(64, (size_t)ng * 64 * sizeof(float));
+    if (!sp) return;
     for (int rb = rb0; rb < rb1; rb++) {
         const uint8_t *wb = a->w + (size_t)rb * K * 16;
+        q4_params(a, rb, sp);
         for (int m = 0; m < a->M; m++) {
             const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
             const int32_t *is = a->isum + (size_t)m * nb;
@@ -483,7 +510,7 @@ static void q4_task(void *vp, int rb0, int rb1) {
                                                   db, gacc[j]);
                     xsum += bs[k0 / 32];
                 }
-                q4_params(a, rb, gi, sc, of);
+                const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
                 const __m256 xs = _mm256_set1_ps(xsum);
                 for (int j = 0; j < 4; j++)
                     out[j] = _mm256_fmadd_ps(_mm256_load_ps(sc + 8 * j), gacc[j],
@@ -493,15 +520,19 @@ static void q4_task(void *vp, int rb0, int rb1) {
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(y + 8 * j, out[j]);
         }
     }
+    free(sp);
 }
 #else
 static void q4_task(void *vp, int rb0, int rb1) {
     const q4_args *a = vp;
     const int K = a->K, G = a->group, ng = K / G, nb = K / 32;
-    float sc[32], of[32], out[32], gacc[32];
+    float out[32], gacc[32];
     int32_t acc[32];
+    float *sp = malloc((size_t)ng * 64 * sizeof(float));
+    if (!sp) return;
     for (int rb = rb0; rb < rb1; rb++) {
         const uint8_t *wb = a->w + (size_t)rb * K * 16;
+        q4_params(a, rb, sp);
         for (int m = 0; m < a->M; m++) {
             const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
             const int32_t *is = a->isum + (size_t)m * nb;
@@ -522,13 +553,14 @@ static void q4_task(void *vp, int rb0, int rb1) {
                     for (int r = 0; r < 32; r++) gacc[r] += (float)(acc[r] - off) * d[k0 / 32];
                     xsum += bs[k0 / 32];
                 }
-                q4_params(a, rb, gi, sc, of);
+                const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
                 for (int r = 0; r < 32; r++) out[r] += sc[r] * gacc[r] + of[r] * xsum;
             }
             float *y = a->y + (size_t)m * a->N + (size_t)rb * 32;
             for (int r = 0; r < 32; r++) y[r] = out[r];
         }
     }
+    free(sp);
 }
 #endif
 
@@ -778,11 +810,13 @@ static void deq4_task(void *vp, int rb0, int rb1) {
     const deq4_args *a = vp;
     const int K = a->K, N = a->N, G = a->group;
     q4_args pa = {0, K, N, G, a->w, a->p, a->p_f32, 0, NULL, NULL, NULL, NULL, NULL};
-    float sc[32], of[32];
+    float *sp = malloc((size_t)(K / G) * 64 * sizeof(float));
+    if (!sp) return;
     for (int rb = rb0; rb < rb1; rb++) {
         const uint8_t *wb = a->w + (size_t)rb * K * 16;
+        q4_params(&pa, rb, sp);
         for (int gi = 0; gi < K / G; gi++) {
-            q4_params(&pa, rb, gi, sc, of);
+            const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
             for (int k = gi * G; k < (gi + 1) * G; k++) {
                 const uint8_t *c = wb + (size_t)(k / 8) * 128 + (k % 8 % 4);
                 const int shift = k % 8 < 4 ? 0 : 4;
@@ -791,6 +825,7 @@ static void deq4_task(void *vp, int rb0, int rb1) {
             }
         }
     }
+    free(sp);
 }
 
 int lb_q4_dequant_t(const uint8_t *w, const void *p, int p_f32, int N, int K, int group, float *wt, int threads) {
