@@ -399,170 +399,152 @@ static void q4_params(const q4_args *a, int rb, float *sp) {
     }
 }
 
+/* one row block (32 rows of W) times activation row m: y[0..31] */
 #if defined(LB_AVX512)
-static void q4_task(void *vp, int rb0, int rb1) {
-    const q4_args *a = vp;
+static inline void q4_block(const q4_args *a, const uint8_t *wb, const float *sp, int m, float *y) {
     const int K = a->K, G = a->group, ng = K / G, nb = K / 32;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
 #if !defined(LB_VNNI)
     const __m512i ones = _mm512_set1_epi16(1);
 #endif
-    float *sp = aligned_alloc(64, (size_t)ng * 64 * sizeof(float));
-    if (!sp) return;
-    for (int rb = rb0; rb < rb1; rb++) {
-        const uint8_t *wb = a->w + (size_t)rb * K * 16;
-        q4_params(a, rb, sp);
-        for (int m = 0; m < a->M; m++) {
-            const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
-            const int32_t *is = a->isum + (size_t)m * nb;
-            const int8_t *xq = a->xq + (size_t)m * K;
-            __m512 out0 = _mm512_setzero_ps(), out1 = _mm512_setzero_ps();
-            for (int gi = 0; gi < ng; gi++) {
-                __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
-                float xsum = 0.f;
-                for (int k0 = gi * G; k0 < (gi + 1) * G; k0 += 32) {
-                    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-                    for (int k = k0; k < k0 + 32; k += 8) {
-                        const uint8_t *c = wb + (size_t)k * 16; /* chunk k / 8: 128 bytes */
-                        _mm_prefetch((const char *)(c + LB_PREFETCH), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(c + LB_PREFETCH + 64), _MM_HINT_T0);
-                        int32_t x0, x1;
-                        memcpy(&x0, xq + k, 4);
-                        memcpy(&x1, xq + k + 4, 4);
-                        const __m512i xa = _mm512_set1_epi32(x0), xb = _mm512_set1_epi32(x1);
-                        __m512i v0 = _mm512_loadu_si512((const void *)c), v1 = _mm512_loadu_si512((const void *)(c + 64));
-                        __m512i lo0 = _mm512_and_si512(v0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
-                        __m512i lo1 = _mm512_and_si512(v1, low4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
+    const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
+    const int32_t *is = a->isum + (size_t)m * nb;
+    const int8_t *xq = a->xq + (size_t)m * K;
+    __m512 out0 = _mm512_setzero_ps(), out1 = _mm512_setzero_ps();
+    for (int gi = 0; gi < ng; gi++) {
+        __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+        float xsum = 0.f;
+        for (int k0 = gi * G; k0 < (gi + 1) * G; k0 += 32) {
+            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            for (int k = k0; k < k0 + 32; k += 8) {
+                const uint8_t *c = wb + (size_t)k * 16; /* chunk k / 8: 128 bytes */
+                _mm_prefetch((const char *)(c + LB_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(c + LB_PREFETCH + 64), _MM_HINT_T0);
+                int32_t x0, x1;
+                memcpy(&x0, xq + k, 4);
+                memcpy(&x1, xq + k + 4, 4);
+                const __m512i xa = _mm512_set1_epi32(x0), xb = _mm512_set1_epi32(x1);
+                __m512i v0 = _mm512_loadu_si512((const void *)c), v1 = _mm512_loadu_si512((const void *)(c + 64));
+                __m512i lo0 = _mm512_and_si512(v0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
+                __m512i lo1 = _mm512_and_si512(v1, low4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
 #if defined(LB_VNNI)
-                        /* each int32 lane is one row: its 4 codes times 4 activations */
-                        acc0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc0, lo0, xa), hi0, xb);
-                        acc1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc1, lo1, xa), hi1, xb);
+                /* each int32 lane is one row: its 4 codes times 4 activations */
+                acc0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc0, lo0, xa), hi0, xb);
+                acc1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc1, lo1, xa), hi1, xb);
 #else
-                        /* int16 sums: each maddubs lane is at most 2 * 15 * 127 = 3810, eight of them fit */
-                        acc0 = _mm512_add_epi16(acc0, _mm512_add_epi16(_mm512_maddubs_epi16(lo0, xa), _mm512_maddubs_epi16(hi0, xb)));
-                        acc1 = _mm512_add_epi16(acc1, _mm512_add_epi16(_mm512_maddubs_epi16(lo1, xa), _mm512_maddubs_epi16(hi1, xb)));
+                /* int16 sums: each maddubs lane is at most 2 * 15 * 127 = 3810, eight of them fit */
+                acc0 = _mm512_add_epi16(acc0, _mm512_add_epi16(_mm512_maddubs_epi16(lo0, xa), _mm512_maddubs_epi16(hi0, xb)));
+                acc1 = _mm512_add_epi16(acc1, _mm512_add_epi16(_mm512_maddubs_epi16(lo1, xa), _mm512_maddubs_epi16(hi1, xb)));
 #endif
-                    }
-#if !defined(LB_VNNI)
-                    acc0 = _mm512_madd_epi16(acc0, ones);
-                    acc1 = _mm512_madd_epi16(acc1, ones);
-#endif
-                    const __m512i off = _mm512_set1_epi32(a->center * is[k0 / 32]);
-                    const __m512 db = _mm512_set1_ps(d[k0 / 32]);
-                    g0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc0, off)), db, g0);
-                    g1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc1, off)), db, g1);
-                    xsum += bs[k0 / 32];
-                }
-                const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
-                const __m512 xs = _mm512_set1_ps(xsum);
-                out0 = _mm512_fmadd_ps(_mm512_load_ps(sc), g0, _mm512_fmadd_ps(_mm512_load_ps(of), xs, out0));
-                out1 = _mm512_fmadd_ps(_mm512_load_ps(sc + 16), g1, _mm512_fmadd_ps(_mm512_load_ps(of + 16), xs, out1));
             }
-            float *y = a->y + (size_t)m * a->N + (size_t)rb * 32;
-            _mm512_storeu_ps(y, out0);
-            _mm512_storeu_ps(y + 16, out1);
+#if !defined(LB_VNNI)
+            acc0 = _mm512_madd_epi16(acc0, ones);
+            acc1 = _mm512_madd_epi16(acc1, ones);
+#endif
+            const __m512i off = _mm512_set1_epi32(a->center * is[k0 / 32]);
+            const __m512 db = _mm512_set1_ps(d[k0 / 32]);
+            g0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc0, off)), db, g0);
+            g1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc1, off)), db, g1);
+            xsum += bs[k0 / 32];
         }
+        const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
+        const __m512 xs = _mm512_set1_ps(xsum);
+        out0 = _mm512_fmadd_ps(_mm512_load_ps(sc), g0, _mm512_fmadd_ps(_mm512_load_ps(of), xs, out0));
+        out1 = _mm512_fmadd_ps(_mm512_load_ps(sc + 16), g1, _mm512_fmadd_ps(_mm512_load_ps(of + 16), xs, out1));
     }
-    free(sp);
+    _mm512_storeu_ps(y, out0);
+    _mm512_storeu_ps(y + 16, out1);
 }
 #elif defined(LB_AVX2)
-static void q4_task(void *vp, int rb0, int rb1) {
-    const q4_args *a = vp;
+static inline void q4_block(const q4_args *a, const uint8_t *wb, const float *sp, int m, float *y) {
     const int K = a->K, G = a->group, ng = K / G, nb = K / 32;
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    float *sp = aligned_alloc(64, (size_t)ng * 64 * sizeof(float));
-    if (!sp) return;
-    for (int rb = rb0; rb < rb1; rb++) {
-        const uint8_t *wb = a->w + (size_t)rb * K * 16;
-        q4_params(a, rb, sp);
-        for (int m = 0; m < a->M; m++) {
-            const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
-            const int32_t *is = a->isum + (size_t)m * nb;
-            const int8_t *xq = a->xq + (size_t)m * K;
-            /* accumulators in memory between groups: AVX2 has 16 vector registers */
-            __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int gi = 0; gi < ng; gi++) {
-                __m256 gacc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                float xsum = 0.f;
-                for (int k0 = gi * G; k0 < (gi + 1) * G; k0 += 32) {
-                    /* int16 sums: each maddubs lane is at most 2 * 15 * 127 = 3810, eight of them fit */
-                    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                                      _mm256_setzero_si256()};
-                    for (int k = k0; k < k0 + 32; k += 8) {
-                        const uint8_t *c = wb + (size_t)k * 16;
-                        _mm_prefetch((const char *)(c + LB_PREFETCH), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(c + LB_PREFETCH + 64), _MM_HINT_T0);
-                        int32_t x0, x1;
-                        memcpy(&x0, xq + k, 4);
-                        memcpy(&x1, xq + k + 4, 4);
-                        const __m256i xa = _mm256_set1_epi32(x0), xb = _mm256_set1_epi32(x1);
-                        for (int j = 0; j < 4; j++) { /* rows 8j .. 8j + 7 */
-                            __m256i v = _mm256_loadu_si256((const __m256i *)(c + 32 * j));
-                            __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                            acc[j] = _mm256_add_epi16(acc[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa),
-                                                                               _mm256_maddubs_epi16(hi, xb)));
-                        }
-                    }
-                    const __m256i off = _mm256_set1_epi32(a->center * is[k0 / 32]);
-                    const __m256 db = _mm256_set1_ps(d[k0 / 32]);
-                    for (int j = 0; j < 4; j++)
-                        gacc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(acc[j], ones), off)),
-                                                  db, gacc[j]);
-                    xsum += bs[k0 / 32];
+    const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
+    const int32_t *is = a->isum + (size_t)m * nb;
+    const int8_t *xq = a->xq + (size_t)m * K;
+    /* accumulators in memory between groups: AVX2 has 16 vector registers */
+    __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int gi = 0; gi < ng; gi++) {
+        __m256 gacc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        float xsum = 0.f;
+        for (int k0 = gi * G; k0 < (gi + 1) * G; k0 += 32) {
+            /* int16 sums: each maddubs lane is at most 2 * 15 * 127 = 3810, eight of them fit */
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int k = k0; k < k0 + 32; k += 8) {
+                const uint8_t *c = wb + (size_t)k * 16;
+                _mm_prefetch((const char *)(c + LB_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(c + LB_PREFETCH + 64), _MM_HINT_T0);
+                int32_t x0, x1;
+                memcpy(&x0, xq + k, 4);
+                memcpy(&x1, xq + k + 4, 4);
+                const __m256i xa = _mm256_set1_epi32(x0), xb = _mm256_set1_epi32(x1);
+                for (int j = 0; j < 4; j++) { /* rows 8j .. 8j + 7 */
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(c + 32 * j));
+                    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    acc[j] = _mm256_add_epi16(acc[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa),
+                                                                       _mm256_maddubs_epi16(hi, xb)));
                 }
-                const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
-                const __m256 xs = _mm256_set1_ps(xsum);
-                for (int j = 0; j < 4; j++)
-                    out[j] = _mm256_fmadd_ps(_mm256_load_ps(sc + 8 * j), gacc[j],
-                                             _mm256_fmadd_ps(_mm256_load_ps(of + 8 * j), xs, out[j]));
             }
-            float *y = a->y + (size_t)m * a->N + (size_t)rb * 32;
-            for (int j = 0; j < 4; j++) _mm256_storeu_ps(y + 8 * j, out[j]);
+            const __m256i off = _mm256_set1_epi32(a->center * is[k0 / 32]);
+            const __m256 db = _mm256_set1_ps(d[k0 / 32]);
+            for (int j = 0; j < 4; j++)
+                gacc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(acc[j], ones), off)),
+                                          db, gacc[j]);
+            xsum += bs[k0 / 32];
         }
+        const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
+        const __m256 xs = _mm256_set1_ps(xsum);
+        for (int j = 0; j < 4; j++)
+            out[j] = _mm256_fmadd_ps(_mm256_load_ps(sc + 8 * j), gacc[j], _mm256_fmadd_ps(_mm256_load_ps(of + 8 * j), xs, out[j]));
     }
-    free(sp);
+    for (int j = 0; j < 4; j++) _mm256_storeu_ps(y + 8 * j, out[j]);
 }
 #else
+static inline void q4_block(const q4_args *a, const uint8_t *wb, const float *sp, int m, float *y) {
+    const int K = a->K, G = a->group, ng = K / G, nb = K / 32;
+    const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
+    const int32_t *is = a->isum + (size_t)m * nb;
+    const int8_t *xq = a->xq + (size_t)m * K;
+    float out[32] = {0}, gacc[32];
+    int32_t acc[32];
+    for (int gi = 0; gi < ng; gi++) {
+        float xsum = 0.f;
+        for (int r = 0; r < 32; r++) gacc[r] = 0.f;
+        for (int k0 = gi * G; k0 < (gi + 1) * G; k0 += 32) {
+            for (int r = 0; r < 32; r++) acc[r] = 0;
+            for (int k = k0; k < k0 + 32; k += 8) {
+                const uint8_t *c = wb + (size_t)k * 16;
+                for (int r = 0; r < 32; r++)
+                    for (int j = 0; j < 4; j++)
+                        acc[r] += (c[4 * r + j] & 15) * xq[k + j] + (c[4 * r + j] >> 4) * xq[k + 4 + j];
+            }
+            const int32_t off = a->center * is[k0 / 32];
+            for (int r = 0; r < 32; r++) gacc[r] += (float)(acc[r] - off) * d[k0 / 32];
+            xsum += bs[k0 / 32];
+        }
+        const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
+        for (int r = 0; r < 32; r++) out[r] += sc[r] * gacc[r] + of[r] * xsum;
+    }
+    for (int r = 0; r < 32; r++) y[r] = out[r];
+}
+#endif
+
 static void q4_task(void *vp, int rb0, int rb1) {
     const q4_args *a = vp;
-    const int K = a->K, G = a->group, ng = K / G, nb = K / 32;
-    float out[32], gacc[32];
-    int32_t acc[32];
-    float *sp = malloc((size_t)ng * 64 * sizeof(float));
-    if (!sp) return;
+    float *sp = aligned_alloc(64, (size_t)(a->K / a->group) * 64 * sizeof(float)); /* a multiple of 64 bytes */
+    if (!sp) { /* out of memory: NaN outputs, never plausible garbage */
+        for (int m = 0; m < a->M; m++)
+            for (int n = rb0 * 32; n < rb1 * 32; n++) a->y[(size_t)m * a->N + n] = NAN;
+        return;
+    }
     for (int rb = rb0; rb < rb1; rb++) {
-        const uint8_t *wb = a->w + (size_t)rb * K * 16;
+        const uint8_t *wb = a->w + (size_t)rb * a->K * 16;
         q4_params(a, rb, sp);
-        for (int m = 0; m < a->M; m++) {
-            const float *d = a->d + (size_t)m * nb, *bs = a->bsum + (size_t)m * nb;
-            const int32_t *is = a->isum + (size_t)m * nb;
-            const int8_t *xq = a->xq + (size_t)m * K;
-            for (int r = 0; r < 32; r++) out[r] = 0.f;
-            for (int gi = 0; gi < ng; gi++) {
-                float xsum = 0.f;
-                for (int r = 0; r < 32; r++) gacc[r] = 0.f;
-                for (int k0 = gi * G; k0 < (gi + 1) * G; k0 += 32) {
-                    for (int r = 0; r < 32; r++) acc[r] = 0;
-                    for (int k = k0; k < k0 + 32; k += 8) {
-                        const uint8_t *c = wb + (size_t)k * 16;
-                        for (int r = 0; r < 32; r++)
-                            for (int j = 0; j < 4; j++)
-                                acc[r] += (c[4 * r + j] & 15) * xq[k + j] + (c[4 * r + j] >> 4) * xq[k + 4 + j];
-                    }
-                    const int32_t off = a->center * is[k0 / 32];
-                    for (int r = 0; r < 32; r++) gacc[r] += (float)(acc[r] - off) * d[k0 / 32];
-                    xsum += bs[k0 / 32];
-                }
-                const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
-                for (int r = 0; r < 32; r++) out[r] += sc[r] * gacc[r] + of[r] * xsum;
-            }
-            float *y = a->y + (size_t)m * a->N + (size_t)rb * 32;
-            for (int r = 0; r < 32; r++) y[r] = out[r];
-        }
+        for (int m = 0; m < a->M; m++) q4_block(a, wb, sp, m, a->y + (size_t)m * a->N + (size_t)rb * 32);
     }
     free(sp);
 }
-#endif
 
 static int q4_shape_ok(int K, int N, int group, int center) {
     return K > 0 && N > 0 && K % 32 == 0 && N % 32 == 0 && group >= 32 && group % 32 == 0 && K % group == 0
@@ -811,7 +793,11 @@ static void deq4_task(void *vp, int rb0, int rb1) {
     const int K = a->K, N = a->N, G = a->group;
     q4_args pa = {0, K, N, G, a->w, a->p, a->p_f32, 0, NULL, NULL, NULL, NULL, NULL};
     float *sp = malloc((size_t)(K / G) * 64 * sizeof(float));
-    if (!sp) return;
+    if (!sp) { /* out of memory: NaN weights, never plausible garbage */
+        for (int k = 0; k < K; k++)
+            for (int n = rb0 * 32; n < rb1 * 32; n++) a->wt[(size_t)k * N + n] = NAN;
+        return;
+    }
     for (int rb = rb0; rb < rb1; rb++) {
         const uint8_t *wb = a->w + (size_t)rb * K * 16;
         q4_params(&pa, rb, sp);
