@@ -33,6 +33,7 @@ bench: setup-test
 	.venv/bin/python benchmarks/gate.py
 	.venv/bin/python benchmarks/decode_speed.py --kv
 	.venv/bin/python benchmarks/decode_speed.py --model gemma3-270m
+	.venv/bin/python benchmarks/native_paths.py
 	.venv/bin/python benchmarks/export.py
 	test -x .peers/llmc-venv/bin/python || bash benchmarks/peers/setup_llmcompressor.sh .peers/llmc-venv
 	.venv/bin/python benchmarks/calibrated.py --samples 32 --llmcompressor .peers/llmc-venv/bin/python

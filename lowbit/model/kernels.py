@@ -174,7 +174,7 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
         rows = x2.shape[0]
         small = rows < native.DEQUANT_ROWS
         if plan.name in NATIVE_KERNELS and (native_layout(p) or plan.name == "int8pack"):
-            if small and native.available() and _native_fits(plan, p, x2.shape[1]):
+            if small and native.available() and (plan.name == "int4pack" or native.int8_supported(x2.shape[1])):
                 y = _native(plan, p, x2, out_features)
             elif small and plan.name == "int8pack" and p["w"].data_ptr() % 64 == 0:
                 # no native code: torch's int8 kernel (it has crashed on weights not 64-byte aligned)
@@ -197,12 +197,6 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
     return y.reshape(*shape, out_features)
 
 
-def _native_fits(plan: KernelPlan, p: dict, cols: int) -> bool:
-    if plan.name == "int8pack":
-        return native.int8_supported(cols)
-    return True  # q4 layout: packed only where it fits
-
-
 def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
     """Small batches (decode): lowbit's native kernels on its own layouts (lowbit/native)."""
     if plan.name == "int8pack":
@@ -213,8 +207,8 @@ def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> t
 
 
 def _dequantized_gemm(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Many rows (prefill), or no native code: float32 weights made once per call, then one float GEMM.
-    At this size the product is compute-bound, and rounding activations to int8 would only add error."""
+    """Many rows (prefill, whole-sequence evaluation), or no native code: float32 weights made once per
+    call, then one float GEMM, so long inputs keep float activations (native.DEQUANT_ROWS says why there)."""
     x2 = x2.float()
     if plan.name == "int8pack":
         return torch.mm(x2, p["w"].t().float()) * p["s"]

@@ -210,14 +210,14 @@ class FusedQLinear:
         perms = [m._packed.get("perm") for m in mods]
         if any((p is None) != (perms[0] is None) or (p is not None and not torch.equal(p, perms[0])) for p in perms):
             return None
+        if p0.name == "int4pack" and len({m._packed["p"].dtype for m in mods}) > 1:
+            return None  # float16 params in one module, float32 in another
         w = torch.cat([m._packed["w"] for m in mods])
         packed = {"w": w}
         if p0.name == "int8pack":
             packed["s"] = torch.cat([m._packed["s"] for m in mods])
         else:  # q4: row blocks of 32, so each module's rows are a run of blocks in both tensors
             packed["p"] = torch.cat([m._packed["p"] for m in mods])
-            if any(m._packed["p"].dtype != packed["p"].dtype for m in mods):
-                return None
         if perms[0] is not None:
             packed["perm"] = perms[0]
         start, unit = 0, cls._unit(p0)

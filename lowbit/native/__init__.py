@@ -10,16 +10,16 @@ reports (cpuid and the OS's saved register state, read by the portable build):
     avx512vnni  AVX-512 F/BW/VL + VNNI (u8 x s8 dot products into 32-bit lanes)
     avx512      AVX-512 F/BW/VL, maddubs + madd
     avx2        AVX2 + FMA + F16C
-    generic     portable C, no intrinsics (any CPU the compiler targets, aarch64 included)
+    generic     portable C, no intrinsics (any CPU the compiler targets; tested on x86-64 only)
 
 LOWBIT_ISA=<one of these> forces a path (a path the CPU cannot run falls back to the best one it can,
 saying so once); LOWBIT_NATIVE=0 turns native code off. When a build loads, a known-answer self-check
-runs each kernel on small fixed inputs against torch (a few milliseconds); a mismatch turns native
+runs each kernel on small fixed inputs against torch (benchmarks/native_paths.py times it); a mismatch turns native
 code off for the process with one line naming the kernel, the path and the CPU, and lowbit runs on
 torch's kernels.
 
-Why C through ctypes and not a torch C++ extension: the file compiles in about a second with nothing
-but a C compiler (a torch extension needs ninja and torch's headers, and a minute), and the kernels
+Why C through ctypes and not a torch C++ extension: the file compiles in about a second per path
+(benchmarks/native_paths.py) with nothing but a C compiler (a torch extension needs ninja and torch's headers, and a minute), and the kernels
 need no torch API. Why not torch.compile: its CPU code generation needs the same compiler, takes
 minutes per model, and would still call torch's kernels for the matmuls.
 
@@ -63,8 +63,9 @@ NEEDS["avx512"] = NEEDS["avx2"] | F_AVX512F | F_AVX512BW | F_AVX512VL
 NEEDS["avx512vnni"] = NEEDS["avx512"] | F_VNNI
 
 # Products of fewer rows than this run on the native kernels (int8 activations); from here on
-# (prefill) the weights are dequantized to float once per call for one float GEMM
-# (benchmarks/decode_speed.py measures both sides of the limit).
+# (prefill, whole-sequence evaluation) the weights are dequantized to float once per call for one float
+# GEMM, so long inputs keep float activations. benchmarks/native_paths.py times both sides of the limit:
+# INT8's float GEMM catches up with its native kernel around here; INT4's native kernel stays faster.
 DEQUANT_ROWS = 64
 MAX_ROWS = DEQUANT_ROWS - 1
 
@@ -96,7 +97,7 @@ class Kernels:
 _libs: dict[str, Kernels] = {}  # every build loaded in this process, by path
 _active: Kernels | None = None  # the one QLinear and the decoder use
 _why: str | None = None  # why native code is off ('' once chosen)
-_notes: list[str] = []  # one-line notes about the choice (a forced path the CPU lacks)
+_checked: dict[str, str] = {}  # using(): each path's self-check verdict, once per process
 _load_lock = threading.RLock()
 
 
@@ -195,7 +196,6 @@ def requested_isa() -> str | None:
 
 
 def _say(line: str) -> None:
-    _notes.append(line)
     print(f"lowbit: {line}", file=sys.stderr)
 
 
@@ -211,10 +211,11 @@ def _load() -> Kernels | None:
             return None
         want = requested_isa()
         try:
-            isas = supported_isas() if _open("generic") else []
+            _open("generic")  # the portable build: it reads the CPU's features
         except OSError as e:
             _why = f"the native kernels could not be built or loaded ({e})"
             return None
+        isas = supported_isas()
         pick = isas[0]
         if want is not None and want not in isas:
             pick = next(i for i in isas if ISAS.index(i) > ISAS.index(want))
@@ -260,7 +261,9 @@ def using(isa_name: str):
     if isa_name not in supported_isas():
         raise LowbitError(f"native path '{isa_name}': this CPU ({cpu_name()}) lacks {missing(isa_name)}")
     k = _open(isa_name)
-    bad = selfcheck(k)
+    if isa_name not in _checked:
+        _checked[isa_name] = selfcheck(k)
+    bad = _checked[isa_name]
     if bad:
         raise RuntimeError(f"native path {isa_name}: self-check failed: {bad}")
     with _load_lock:

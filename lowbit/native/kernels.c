@@ -243,9 +243,10 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 /* ------------------------------------------------------------ activations ----------------- */
-/* x (M, K) float -> xq int8 in blocks of 32 with scale d per block, the float sum of every block
- * (bsum) and the sum of its codes (isum). K is a multiple of 32. Rounding: to nearest, ties to even. */
-static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *d, float *bsum, int32_t *isum) {
+/* x (M, K) float -> xq int8 in blocks of 32 with scale d per block (and in dx, repeated 8 times: the
+ * int8 kernel's lanes), the float sum of every block (bsum) and the sum of its codes (isum). K is a
+ * multiple of 32. Rounding: to nearest, ties to even. */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *d, float *dx, float *bsum, int32_t *isum) {
     int nb = K / 32;
     for (int m = 0; m < M; m++) {
         for (int b = 0; b < nb; b++) {
@@ -294,6 +295,7 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *d, fl
             }
 #endif
             d[(size_t)m * nb + b] = mx / 127.f;
+            for (int l = 0; l < 8; l++) dx[((size_t)m * nb + b) * 8 + l] = mx / 127.f;
             bsum[(size_t)m * nb + b] = sm;
             int32_t t = 0;
             for (int i = 0; i < 32; i++) t += o[i];
@@ -394,7 +396,7 @@ static void q4_params(const q4_args *a, int rb, float *sp) {
                 ov = f16_to_f32(((const uint16_t *)a->p)[at + gi * 64 + 32 + r]);
             }
             sc[r] = sv;
-            of[r] = ov + c * sv;
+            of[r] = fmaf(c, sv, ov); /* one rounding, as the vector paths' fmadd */
         }
     }
 }
@@ -558,7 +560,7 @@ int lb_q4_mm(const float *x, int M, int K, const uint8_t *w, const void *p, int 
     pthread_mutex_lock(&call_mu);
     int rc = scratch((size_t)M * K);
     if (rc == 0) {
-        quantize_rows(x, M, K, scr_q, scr_d, scr_s, scr_i);
+        quantize_rows(x, M, K, scr_q, scr_d, scr_dx, scr_s, scr_i);
         set_threads(threads);
         q4_args a = {M, K, N, group, w, p, p_f32, center, scr_q, scr_d, scr_s, scr_i, y};
         parallel_for(q4_task, &a, N / 32);
@@ -594,7 +596,7 @@ static void q8_task(void *vp, int u0, int u1) {
     int n0 = u0 * Q8_ROWS, n1 = u1 * Q8_ROWS < N ? u1 * Q8_ROWS : N;
     for (int n = n0; n < n1; n++) {
         const int8_t *wr = a->w + (size_t)n * K;
-#if defined(LB_X86) && defined(LB_AVX2)
+#if defined(LB_AVX2)
         _mm_prefetch((const char *)(wr + (size_t)Q8_ROWS * K), _MM_HINT_T0);
 #endif
         for (int m = 0; m < a->M; m++) {
@@ -651,9 +653,7 @@ int lb_q8_mm(const float *x, int M, int K, const int8_t *w, const float *s, int 
     pthread_mutex_lock(&call_mu);
     int rc = scratch((size_t)M * K);
     if (rc == 0) {
-        quantize_rows(x, M, K, scr_q, scr_d, scr_s, scr_i);
-        for (size_t b = 0; b < (size_t)M * (K / 32); b++)
-            for (int l = 0; l < 8; l++) scr_dx[8 * b + l] = scr_d[b];
+        quantize_rows(x, M, K, scr_q, scr_d, scr_dx, scr_s, scr_i);
         set_threads(threads);
         q8_args a = {M, K, N, w, s, scr_q, scr_d, scr_dx, y};
         parallel_for(q8_task, &a, (N + Q8_ROWS - 1) / Q8_ROWS);
@@ -803,12 +803,32 @@ static void deq4_task(void *vp, int rb0, int rb1) {
         q4_params(&pa, rb, sp);
         for (int gi = 0; gi < K / G; gi++) {
             const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
+#if defined(LB_AVX2)
+            /* 32 bytes = rows 8q .. 8q + 7, 4 bytes each: byte j of every 32-bit lane is input 8 kc + j (low
+             * nibble) and 8 kc + 4 + j (high nibble) of that lane's row */
+            const __m256i byte = _mm256_set1_epi32(0xFF), low4 = _mm256_set1_epi32(0x0F);
+            for (int kc = gi * G / 8; kc < (gi + 1) * G / 8; kc++) {
+                const uint8_t *c = wb + (size_t)kc * 128;
+                for (int q = 0; q < 4; q++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 32 * q));
+                    const __m256 sq = _mm256_loadu_ps(sc + 8 * q), oq = _mm256_loadu_ps(of + 8 * q);
+                    for (int j = 0; j < 4; j++) {
+                        const __m256i b = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
+                        float *lo = a->wt + (size_t)(8 * kc + j) * N + (size_t)rb * 32 + 8 * q;
+                        float *hi = lo + (size_t)4 * N;
+                        _mm256_storeu_ps(lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), sq, oq));
+                        _mm256_storeu_ps(hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), sq, oq));
+                    }
+                }
+            }
+#else
             for (int k = gi * G; k < (gi + 1) * G; k++) {
                 const uint8_t *c = wb + (size_t)(k / 8) * 128 + (k % 8 % 4);
                 const int shift = k % 8 < 4 ? 0 : 4;
                 float *out = a->wt + (size_t)k * N + (size_t)rb * 32;
-                for (int r = 0; r < 32; r++) out[r] = (float)((c[4 * r] >> shift) & 15) * sc[r] + of[r];
+                for (int r = 0; r < 32; r++) out[r] = fmaf((float)((c[4 * r] >> shift) & 15), sc[r], of[r]);
             }
+#endif
         }
     }
     free(sp);
@@ -947,9 +967,7 @@ static void prep_act(lb_decoder *d, const float *x, int K, const int64_t *perm) 
         for (int i = 0; i < K; i++) d->xp[i] = x[perm[i]];
         src = d->xp;
     }
-    quantize_rows(src, 1, K, scr_q, scr_d, scr_s, scr_i);
-    for (int b = 0; b < K / 32; b++)
-        for (int l = 0; l < 8; l++) scr_dx[8 * b + l] = scr_d[b];
+    quantize_rows(src, 1, K, scr_q, scr_d, scr_dx, scr_s, scr_i);
     d->prep_x = x;
     d->prep_perm = perm;
 }
@@ -996,7 +1014,8 @@ int lb_decoder_step(lb_decoder *d, const float *h_in, int pos, float *logits, in
     if (d->head.kind == LIN_NONE) return -3;
     const int Hd = d->hidden, D = d->head_dim;
     pthread_mutex_lock(&call_mu);
-    int wide = Hd > d->inter ? Hd : d->inter;
+    int wide = Hd > d->inter ? Hd : d->inter, hd = d->n_heads * D;
+    if (hd > wide) wide = hd; /* o_proj's input: wider than hidden and MLP in some models */
     if (scratch((size_t)wide) != 0) {
         pthread_mutex_unlock(&call_mu);
         return -2;

@@ -36,6 +36,14 @@ SPECS = {
 }
 
 
+def _random_q4(seed: int, N: int, K: int, G: int, scale_max: float):
+    """Codes 0..15, scales up to scale_max and symmetric offsets, packed: (codes, scale, w, p)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    scale = torch.rand(N, K // G, generator=g) * scale_max
+    return codes, scale, *layout.pack_q4(codes, scale, -8 * scale, G), g
+
+
 @pytest.fixture(params=PATHS)
 def path(request):
     """Each instruction-set path this CPU supports, forced for the test."""
@@ -107,13 +115,10 @@ def test_native_matmul_matches_reference(path, label, rows, monkeypatch):
     assert calls.n == 1 and _rel(big[:rows], ref) < 1e-3
 
 
-def test_every_path_computes_the_same_integer_sums(monkeypatch):
+def test_every_path_computes_the_same_integer_sums():
     """The paths differ only in float summation order: each within 1e-5 of the portable C path."""
-    g = torch.Generator().manual_seed(9)
     N, K, G = 96, 640, 64
-    codes = torch.randint(0, 16, (N, K), generator=g)
-    scale = torch.rand(N, K // G, generator=g) * 0.01
-    w, p = layout.pack_q4(codes, scale, -8 * scale, G)
+    _, _, w, p, g = _random_q4(9, N, K, G, 0.01)
     w8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
     s8 = torch.rand(N, generator=g) * 0.01
     x = torch.randn(3, K, generator=g)
@@ -127,11 +132,8 @@ def test_every_path_computes_the_same_integer_sums(monkeypatch):
 
 def test_native_int4_runs_a_slice_of_row_blocks(path):
     """A fused q/k/v keeps its modules' weights as runs of row blocks of one concatenation."""
-    g = torch.Generator().manual_seed(4)
     N, K, gs = 96, 256, 64
-    q = torch.randint(0, 16, (N, K), generator=g)
-    scale = torch.rand(N, K // gs, generator=g) * 0.1
-    w, p = layout.pack_q4(q, scale, -8 * scale, gs)
+    _, _, w, p, g = _random_q4(4, N, K, gs, 0.1)
     x = torch.randn(2, K, generator=g)
     full = native.int4_mm(x, w, p, gs, N)
     part = native.int4_mm(x, w[1:2], p[1:2], gs, 32)  # rows 32..63
@@ -157,7 +159,6 @@ def fresh(monkeypatch):
     """native's process-wide choice, reset for one test (restored after)."""
     monkeypatch.setattr(native, "_active", None)
     monkeypatch.setattr(native, "_why", None)
-    monkeypatch.setattr(native, "_notes", [])
     yield monkeypatch
 
 
@@ -277,6 +278,27 @@ def test_native_step_equals_the_torch_loop_in_float(path, ids):
     with torch.no_grad():
         nat, ref = _lean_pair(model, ids, 12)
     assert torch.allclose(nat, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_native_step_with_attention_wider_than_hidden_and_mlp(path, tmp_path, monkeypatch):
+    """o_proj reads n_heads * head_dim inputs, here more than hidden (64) and intermediate (128): the
+    step's activation scratch must hold them (the sanitized run checks the bounds). A fresh copy of the
+    library (its scratch empty) and a prompt of 64+ tokens (prefill on the float GEMM), so the step is
+    the first to round activations."""
+    import lowbit
+    from tests.conftest import make_tiny_llama
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_active", native._open(path))
+    model = make_tiny_llama(head_dim=64)  # 4 heads x 64 = 256
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(model, "int8")
+    ids = torch.randint(0, 256, (1, native.DEQUANT_ROWS + 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nat, ref = _lean_pair(model, ids, 8)
+    assert _rel(nat, ref) < 2 * NATIVE_TOL
 
 
 @pytest.mark.parametrize("preset", ["int8", "w4-g32", "w4-g128"])
