@@ -20,7 +20,8 @@
  *   LB_AVX512            AVX-512 F/BW/VL, maddubs + madd
  *   LB_AVX2              AVX2 + FMA + F16C
  *   (none)               portable C, no intrinsics: correct on any CPU the compiler targets
- * Every path computes the same integer sums; results differ only by float summation order.
+ * Every path computes the same integer sums. int4 products then apply the same float operations in the
+ * same order, so every path returns the same floats; int8 and float products differ by summation order.
  *
  * Threads: a small pool of its own (the caller plus n - 1 workers that spin briefly, then sleep),
  * so this library never shares an OpenMP runtime with torch's.
@@ -521,12 +522,13 @@ static inline void q4_block(const q4_args *a, const uint8_t *wb, const float *sp
                     for (int j = 0; j < 4; j++)
                         acc[r] += (c[4 * r + j] & 15) * xq[k + j] + (c[4 * r + j] >> 4) * xq[k + 4 + j];
             }
+            /* the vector paths' operations in their order (fused multiply-adds): the same floats */
             const int32_t off = a->center * is[k0 / 32];
-            for (int r = 0; r < 32; r++) gacc[r] += (float)(acc[r] - off) * d[k0 / 32];
+            for (int r = 0; r < 32; r++) gacc[r] = fmaf((float)(acc[r] - off), d[k0 / 32], gacc[r]);
             xsum += bs[k0 / 32];
         }
         const float *sc = sp + (size_t)gi * 64, *of = sc + 32;
-        for (int r = 0; r < 32; r++) out[r] += sc[r] * gacc[r] + of[r] * xsum;
+        for (int r = 0; r < 32; r++) out[r] = fmaf(sc[r], gacc[r], fmaf(of[r], xsum, out[r]));
     }
     for (int r = 0; r < 32; r++) y[r] = out[r];
 }
