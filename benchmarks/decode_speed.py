@@ -141,11 +141,10 @@ def native_divergence(models: dict, text_ids: list[int], prompt: int = 128, step
 
     ids = torch.tensor([text_ids[:prompt + steps]])
 
-    def run(model, use_native: bool) -> tuple[torch.Tensor, bool]:
-        ctx = native.disabled() if not use_native else contextlib.nullcontext()
-        with ctx:
-            if not use_native:
-                model = models[TORCH_OF[row]]  # the same quantized weights, packed for torch's kernels
+    def run(row: str, use_native: bool) -> tuple[torch.Tensor, bool]:
+        # without native code: the same quantized weights, packed for torch's kernels
+        model = models[row] if use_native else models[TORCH_OF[row]]
+        with native.disabled() if not use_native else contextlib.nullcontext():
             dec = LeanDecoder(model, 1, prompt + steps + 1)
             out = [dec.prefill(ids[:, :prompt])]
             with decoding(dec):
@@ -153,12 +152,11 @@ def native_divergence(models: dict, text_ids: list[int], prompt: int = 128, step
                     out.append(dec.step(ids[:, i:i + 1]))
         return torch.cat(out).float().log_softmax(-1), dec.native is not None
 
-    row = "fp32"
-    base, _ = run(models["fp32"], False)
+    base, _ = run("fp32", False)
     res = {}
     for row in ("int8", "w4-g128"):
         for use in (True, False):
-            lq, used = run(models[row], use)
+            lq, used = run(row, use)
             res[(row, use)] = {"kld": (base.exp() * (base - lq)).sum(-1).mean().item(),
                                "top1": (base.argmax(-1) == lq.argmax(-1)).float().mean().item(), "native_step": used}
     return {"steps": steps, "prompt": prompt, "rows": res}
