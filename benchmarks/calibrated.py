@@ -93,15 +93,15 @@ def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor, tm
                 if imx is None:
                     from lowbit.export.gguf import imatrix_by_gguf_name
 
-                    stats = llamacpp.importance_matrix(base.model, list(calib_ids))
-                    imx = imatrix_by_gguf_name(stats, base.model.config.num_hidden_layers)
+                    stats = llamacpp.importance_matrix(base.module, list(calib_ids))
+                    imx = imatrix_by_gguf_name(stats, base.module.config.num_hidden_layers)
                 path = tmp / f"{gtype}-imatrix.gguf"
                 llamacpp.quantize(f32, path, gtype, imx)
             else:
                 path = llamacpp.llama_quantized(args.model, gtype)
             seconds = time.perf_counter() - t0
             lm = llamacpp.LlamaCppLM(path, n_ctx=windows.shape[1])
-            m = compare(base.model, lm, windows)
+            m = compare(base.module, lm, windows)
             lm.close()
             bits, mix = gguf_block_bits(path)
             rows.append({"tool": "llama.cpp", "format": gtype + (" + imatrix (same calibration)" if use_imatrix else ""),
@@ -135,7 +135,7 @@ def llmcompressor_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tenso
             continue
         info = json.loads(run.stdout.strip().splitlines()[-1])
         model = load_model(str(out)).model
-        m = compare(base.model, model, windows)
+        m = compare(base.module, model, windows)
         label = (f"GPTQ {scheme} g128 {'asym' if '--asymmetric' in extra else 'sym'}, head kept FP32 "
                  f"(llm-compressor {info.get('version', '?')})")
         rows.append({"tool": "llm-compressor", "format": label, "bits_per_weight": ct_block_bits(out),
@@ -227,11 +227,11 @@ def main() -> None:
                                              options=CalibOptions())
                 seconds = time.perf_counter() - t0
                 s = artifact_summary(out)
-                m = compare(base.model, loaded.model, windows)
+                m = compare(base.module, loaded.module, windows)
                 rows.append({"tool": "lowbit", "format": f"{scheme} {method}", "label": rec.scheme.label,
                              "bits_per_weight": block_bits(s), "ppl": m["ppl"], "kld": m["kld"],
                              "top1": m["top1"], "seconds": seconds, "ppl_base": m["ppl_base"],
-                             "fallbacks": len(loaded.model.lowbit_calibration["rtn_fallbacks"])})
+                             "fallbacks": len(loaded.module.lowbit_calibration["rtn_fallbacks"])})
                 print(json.dumps(rows[-1]), flush=True)
                 del loaded
                 write_table(args, rows, windows, final=False)  # a partial table survives an interrupted run

@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
 from lowbit.data.corpora import wikipedia_text  # noqa: E402
-from lowbit.model.generate import pick_engine  # noqa: E402
+from lowbit.runtime.generate import pick_engine  # noqa: E402
 from lowbit.model import sources  # noqa: E402
-from lowbit.model.load import float_folder, load_model, load_tokenizer  # noqa: E402
+from lowbit.model.load import float_folder, load_model  # noqa: E402
+from lowbit.model.skeleton import load_tokenizer  # noqa: E402
 from lowbit import native  # noqa: E402
 from lowbit.model.qlinear import QLinear, kernel_summary  # noqa: E402
 from benchmarks.presets import write_section  # noqa: E402
@@ -95,8 +96,8 @@ def lowbit_model(name: str, row: str):
             prepare_model(model, warn=False)
         return model
     if row == "bf16":
-        return load_model(name, dtype=torch.bfloat16).model
-    model = load_model(name).model
+        return load_model(name, dtype=torch.bfloat16).module
+    model = load_model(name).module
     if row != "fp32":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -210,10 +211,10 @@ class LlamaRow:
 @torch.inference_mode()
 def kv_divergence(name: str, kinds=("int8", "fp8")) -> dict:
     """Mean KL(float cache || quantized cache) over one window of the full context."""
-    from lowbit.runtime.kvcache import QuantizedKVCache
+    from lowbit.model.kvcache import QuantizedKVCache
 
     loaded = load_model(name)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.module, loaded.tokenizer
     ctx = min(int(getattr(model.config, "max_position_embeddings", 2048)), 8192)  # SmolLM2: its full 8192
     ids = tok(wikipedia_text(max_chars=ctx * 8), return_tensors="pt", add_special_tokens=False).input_ids[:, :ctx]
     ctx = ids.shape[1]
@@ -233,11 +234,11 @@ def kv_divergence(name: str, kinds=("int8", "fp8")) -> dict:
     import copy
 
     from lowbit.eval.suites.text import long_context
-    from lowbit.model.load import Loaded
-    from lowbit.runtime.kvcache import attach
+    from lowbit.model.handle import Model
+    from lowbit.model.kvcache import attach
 
-    cand = Loaded(copy.deepcopy(model), tok, loaded.source, loaded.folder)
-    attach(cand.model, "int8")
+    cand = Model(copy.deepcopy(model), tok, loaded.source, loaded.folder)
+    attach(cand.module, "int8")
     res = long_context(loaded, cand)
     out["long_context"] = {"metrics": res.metrics, "n": res.n}
     return out

@@ -90,10 +90,10 @@ def main() -> None:
     samples = make_samples(base.tokenizer, articles, args.seq_len, args.samples)
     calib = [s.ids for s in make_samples(base.tokenizer, articles[len(articles) // 2:], args.seq_len, 8)]
     sha = base.source["sha256"]
-    n_params = sum(p.numel() for p in {id(p): p for p in base.model.parameters()}.values())
+    n_params = sum(p.numel() for p in {id(p): p for p in base.module.parameters()}.values())
 
     def kld(model) -> dict:
-        d = compare(base.model, model, samples, sha)
+        d = compare(base.module, model, samples, sha)
         return {"kld": d["mean_kld"], "top1": d["top1"], "ppl": d["ppl_candidate"], "ppl_base": d["ppl_baseline"]}
 
     def pair_kld(ref, cand) -> float:
@@ -107,20 +107,20 @@ def main() -> None:
         cpp_rows.append(("F32 (the baseline, as a GGUF)", _size(f32), kld(lm)))
         lm.close()
         for label, spec, gtype in GGUF_ROWS:
-            model = copy.deepcopy(base.model)
+            model = copy.deepcopy(base.module)
             quantize_model(model, Recipe(scheme=spec))
             res = write_gguf(model, tmp / "x.gguf", gtype, base.source, base.folder)
             lm = llamacpp.LlamaCppLM(res.path, n_ctx=args.seq_len)
             gguf_rows.append((label, res.size, kld(model), kld(lm), pair_kld(model, lm)))
             lm.close()
             del model
-        imx = llamacpp.importance_matrix(base.model, calib)
-        res = write_gguf(base.model, tmp / "k.gguf", "Q4_K_M", base.source, base.folder, imx)
+        imx = llamacpp.importance_matrix(base.module, calib)
+        res = write_gguf(base.module, tmp / "k.gguf", "Q4_K_M", base.source, base.folder, imx)
         lm = llamacpp.LlamaCppLM(res.path, n_ctx=args.seq_len)
         gguf_rows.append(("FP32 -> Q4_K_M by llama.cpp, lowbit's imatrix", res.size, None, kld(lm), None))
         lm.close()
         for label, spec in CT_ROWS:
-            model = copy.deepcopy(base.model)
+            model = copy.deepcopy(base.module)
             quantize_model(model, Recipe(scheme=spec))
             write_compressed(model, base.tokenizer, tmp / "ct", force=True)
             hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "ct"), dtype=torch.float32).eval()

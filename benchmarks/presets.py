@@ -89,17 +89,17 @@ def main() -> None:
 
     base = load_model(args.model)
     windows = token_windows(base.tokenizer, wikipedia_text(), args.tokens, args.seq_len)
-    fp32_bytes = sum(p.numel() * 4 for p in base.model.parameters())
+    fp32_bytes = sum(p.numel() * 4 for p in base.module.parameters())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets.split(","):
             t0 = time.perf_counter()
             loaded = load_model(args.model)
-            lowbit.quantize(loaded.model, name)
+            lowbit.quantize(loaded, name)
             qtime = time.perf_counter() - t0
-            art = lowbit.save(loaded.model, Path(tmp) / name)
+            art = lowbit.save(loaded.module, Path(tmp) / name)
             s = artifact_summary(art)
-            m = compare(base.model, loaded.model, windows)
+            m = compare(base.module, loaded.module, windows)
             rows.append((name, PRESETS[name].scheme.label, s, m, qtime))
             print(f"{name:14s} {s['bytes_on_disk'] / 1e6:7.1f} MB  lin {s['linear_bits_per_weight']:.2f} b/w  "
                   f"ppl {m['ppl']:.3f} (base {m['ppl_base']:.3f})  kld {m['kld']:.4f}  top1 {m['top1']:.3f}", flush=True)

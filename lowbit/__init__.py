@@ -1,19 +1,24 @@
-"""lowbit: quantize an LLM and prove, with numbers, that it is still good enough to ship."""
+"""lowbit: quantize an LLM and prove, with numbers, that it is still good enough to ship.
 
-__version__ = "0.1.0"
+The verbs (load, quantize, save, evaluate, gate, bench, export, generate) and the handle they pass
+around (lowbit.Model) are in lowbit.api; they are imported on first use, since they pull in
+transformers, while the tensor formats below import only torch.
+"""
 
 from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, QuantSpec, dequantize_tensor, quantize_tensor
+from lowbit.version import __version__
+
+_API = ("Model", "load", "quantize", "save", "evaluate", "gate", "bench", "export", "generate", "Generated",
+        "CalibConfig", "EvalConfig", "BenchConfig", "Recipe", "preset", "PRESETS")
 
 
 def __getattr__(name: str):
-    # The model layer pulls in transformers; import it only when asked for.
-    if name in ("quantize", "load", "save", "Recipe", "preset", "PRESETS"):
+    if name in _API:
         from lowbit import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
-__all__ = ["LowbitError", "QTensor", "QuantSpec", "dequantize_tensor", "quantize_tensor",
-           "quantize", "load", "save", "Recipe", "preset", "PRESETS", "__version__"]
+__all__ = ["LowbitError", "QTensor", "QuantSpec", "dequantize_tensor", "quantize_tensor", "__version__", *_API]

@@ -1,79 +1,271 @@
-"""The public Python API: quantize, load, save."""
+"""The public Python API: one verb per step, each taking and returning lowbit.Model handles.
+
+    model = lowbit.load("smollm2-135m")
+    q = lowbit.quantize(model, "w4-g128", calib=lowbit.CalibConfig(method="gptq", samples=32))
+    run = lowbit.evaluate(model, q, config=lowbit.EvalConfig(quick=True))
+    lowbit.save(q, "out/smollm2-w4")
+    lowbit.export(q, format="gguf", out="out/smollm2-w4.gguf")
+    print(lowbit.generate(q, "What is the capital of France?").text)
+
+The command line is a thin layer over these functions.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.bench.latency import BenchConfig, bench_pair
+from lowbit.calib import CalibConfig, calibrate, calibrate_checkpoint, method_for
 from lowbit.errors import LowbitError
+from lowbit.eval.run import SUITES, EvalConfig, check_user_files, identity, load_pair
+from lowbit.eval.run import evaluate as _evaluate
 from lowbit.formats.spec import QuantSpec
-from lowbit.model.load import load_artifact, load_model, load_streaming, load_tokenizer
+from lowbit.model.artifact import prepare_out_dir, save_artifact
+from lowbit.model.handle import Model, as_model
+from lowbit.model.load import load_model, load_streaming
 from lowbit.model.quantize import quantize_model
 from lowbit.recipe import PRESETS, Recipe, preset, resolve_recipe
+from lowbit.version import __version__
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+Say = Callable[[str], None]
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
 
 
-def quantize(model: nn.Module, recipe: Recipe | str | Path = "int8", progress=None, method: str | None = None,
-             calib=None, samples: int = 128, seq_len: int = 512, tokenizer=None) -> nn.Module:
-    """Quantize `model` in place with a Recipe, a preset name or a recipe file; returns the model.
-
-    With a method other than "rtn" (gptq, awq, awq-gptq, smoothquant, rtn-mse) or calibration data (a .txt/.jsonl
-    path, a built-in set name, or a list of texts), the model is calibrated block by block.
-    To quantize a checkpoint too large for memory, use lowbit.calib.quantize_calibrated, which streams it.
-
-    >>> lowbit.quantize(model, "w4-g128")
-    >>> lowbit.quantize(model, "w4-g128", method="gptq", calib="mix", samples=128, seq_len=512)
-    """
-    rec = resolve_recipe(recipe)
-    method = method or ("gptq" if calib is not None and rec.algorithm == "rtn" else rec.algorithm)
-    if method == "rtn" and calib is None:
-        quantize_model(model, rec, progress)
-        return model
-    from lowbit.calib import DEFAULT_CALIB, quantize_model_calibrated
-
-    tok = tokenizer if tokenizer is not None else getattr(model, "lowbit_tokenizer", None)
-    if tok is None:
-        raise LowbitError("quantize: calibration needs the model's tokenizer; pass tokenizer=..., or load the model "
-                          "with lowbit.load (which keeps it on the model)")
-    quantize_model_calibrated(model, tok, rec, method, DEFAULT_CALIB if calib is None else calib, samples, seq_len,
-                              progress=progress)
-    return model
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def load(path: str | Path, load_in_4bit: bool = False, load_in_8bit: bool = False, quant_type: str = "nf4",
-         double_quant: bool = True, group_size: int = 64, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a model: a lowbit artifact, or a float model (HF folder, GGUF, bundled name).
+# -- load / quantize / save ------------------------------------------------------------------------
+def load(path: str | Path, *, load_in_4bit: bool = False, load_in_8bit: bool = False, quant_type: str = "nf4",
+         double_quant: bool = True, group_size: int = 64, compute_dtype: torch.dtype | None = None,
+         say: Say | None = None) -> Model:
+    """Load a model: a lowbit artifact, or a float model (Hugging Face folder, GGUF, bundled name,
+    compressed-tensors folder).
 
     With load_in_4bit (quant_type "nf4" or "int4") or load_in_8bit, the float weights are quantized
     while they stream in, one tensor at a time; compute_dtype (default bfloat16) is what the
-    dequantized weights and the rest of the model compute in. The tokenizer is on `model.lowbit_tokenizer`.
+    dequantized weights and the rest of the model compute in.
     """
     if load_in_4bit and load_in_8bit:
         raise LowbitError("load: choose one of load_in_4bit and load_in_8bit")
-    if load_in_4bit or load_in_8bit:
-        if load_in_8bit:
-            spec = QuantSpec(kind="int", bits=8, granularity="channel")
-        elif quant_type == "nf4":
-            spec = QuantSpec(kind="nf4", bits=4, granularity="group", group_size=group_size, double_quant=double_quant)
-        elif quant_type == "int4":
-            spec = QuantSpec(kind="int", bits=4, granularity="group", group_size=group_size, symmetric=False,
-                             scale_dtype="float16")
-        else:
-            raise LowbitError(f"load: quant_type '{quant_type}' is unknown; use 'nf4' or 'int4'")
-        recipe = Recipe(scheme=spec, name=f"load-{'8bit' if load_in_8bit else quant_type}", group_fallback="shrink")
-        loaded = load_streaming(path, recipe, compute_dtype or torch.bfloat16)
+    if not (load_in_4bit or load_in_8bit):
+        return load_model(path, compute_dtype or torch.float32, progress=say)
+    if load_in_8bit:
+        spec = QuantSpec(kind="int", bits=8, granularity="channel")
+    elif quant_type == "nf4":
+        spec = QuantSpec(kind="nf4", bits=4, granularity="group", group_size=group_size, double_quant=double_quant)
+    elif quant_type == "int4":
+        spec = QuantSpec(kind="int", bits=4, granularity="group", group_size=group_size, symmetric=False,
+                         scale_dtype="float16")
     else:
-        loaded = load_model(path, compute_dtype or torch.float32)
-    return loaded.model
+        raise LowbitError(f"load: quant_type '{quant_type}' is unknown; use 'nf4' or 'int4'")
+    recipe = Recipe(scheme=spec, name=f"load-{'8bit' if load_in_8bit else quant_type}", group_fallback="shrink")
+    return load_streaming(path, recipe, compute_dtype or torch.bfloat16, progress=say)
 
 
-def save(model: nn.Module, out: str | Path, tokenizer=None, force: bool = False) -> Path:
-    """Write a quantized model as a lowbit artifact folder (atomically)."""
-    from lowbit.export.native import save_artifact
+def quantize(model: Model | nn.Module | str | Path, recipe: Recipe | str | Path = "int8", *,
+             calib: CalibConfig | None = None, out: str | Path | None = None, force: bool = False,
+             tokenizer=None, progress: Progress | None = None, say: Say | None = None) -> Model:
+    """Quantize with a Recipe, a preset name or a recipe file; returns the lowbit.Model.
 
-    tok = tokenizer if tokenizer is not None else getattr(model, "lowbit_tokenizer", None)
-    return save_artifact(model, tok, out, getattr(model, "lowbit_source", {}), force)
+    `model` is a lowbit.Model (quantized in place), a bare nn.Module (wrapped; pass `tokenizer` to
+    calibrate or save it), or a path / bundled name: then the checkpoint is read from disk, block by
+    block when calibrating, so a model larger than memory can be quantized. Calibration runs when
+    `calib` is given or the recipe's algorithm needs it (the method: calib.method, else GPTQ for an RTN
+    recipe, else the recipe's algorithm). With `out`, the artifact is written there too (atomically).
+    """
+    rec = resolve_recipe(recipe)
+    calibrated = calib is not None or rec.algorithm != "rtn"
+    if calibrated and calib is None:
+        calib = CalibConfig()
+    if out is not None:
+        prepare_out_dir(Path(out), force)  # fail before the slow part
+    if isinstance(model, (str, Path)):
+        if calibrated:  # saved from the stored form, before the kernels repack the weights
+            return calibrate_checkpoint(model, rec, calib, out=out, progress=progress, force=force,
+                                        say=say or (lambda msg: None))
+        handle = load_model(model, progress=say)
+    else:
+        handle = as_model(model, tokenizer)
+    if handle.quantized:
+        raise LowbitError(f"quantize: model {handle.name} is already quantized (recipe '{handle.recipe.name}'); "
+                          f"fix: quantize the float model")
+    if calibrated:
+        calibrate(handle, rec, calib, progress)
+    else:
+        handle.plan, handle.recipe = quantize_model(handle.module, rec, progress), rec
+    if out is not None:
+        save_artifact(handle, out, force)
+    return handle
 
 
-__all__ = ["quantize", "load", "save", "load_artifact", "load_tokenizer", "Recipe", "preset", "PRESETS"]
+def save(model: Model, out: str | Path, *, force: bool = False) -> Path:
+    """Write a quantized model as a lowbit artifact folder (atomically). The model needs its tokenizer."""
+    return save_artifact(as_model(model), out, force)
+
+
+# -- evaluate / gate / bench -----------------------------------------------------------------------
+def evaluate(baseline: Model | str | Path, candidate: Model | str | Path, *, suites: tuple[str, ...] | None = None,
+             config: EvalConfig | None = None, say: Say | None = None) -> dict:
+    """Compare a candidate with its baseline on identical tokens: perplexity, KL divergence, top-1
+    agreement, worst samples, and the suites (general, jargon, long_context, json; user JSONL files in
+    config.user_files). Models already in memory are used as they are; paths are loaded. Returns the run
+    dict (lowbit.eval.types documents its shape)."""
+    config = config or EvalConfig()
+    if suites is not None:
+        config = EvalConfig(**{**config.__dict__, "suites": tuple(suites)})
+    check_user_files(config.user_files)
+    base, cand = load_pair(baseline, candidate, say or (lambda s: None))
+    return _evaluate(base, cand, config, say or (lambda s: None))
+
+
+def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, quick: bool = False,
+         kv_cache: str | None = None, say: Say | None = None) -> dict:
+    """Check a candidate against success criteria (a YAML spec file, "default", or a parsed
+    lowbit.eval.gate.Spec): the evaluation the
+    spec asks for, the latency benchmark when it has latency criteria, and the verdict. Returns the run
+    dict; run["gate"]["passed"] is the verdict and run["gate"]["criteria"] every row."""
+    from lowbit.data.corpora import wikipedia_text
+    from lowbit.eval.gate import Spec, load_spec
+    from lowbit.eval.gate import evaluate as verdict
+
+    say = say or (lambda s: None)
+    sp = spec if isinstance(spec, Spec) else load_spec(str(spec))
+    ev = sp.section("eval")
+    names = tuple(n for n in SUITES if n == "general" or n in sp.suites)
+    files = (sp.suites["user"]["file"],) if "user" in sp.suites else ()
+    config = EvalConfig(suites=names, user_files=files, quick=quick, samples=ev.get("samples"),
+                        seq_len=ev.get("seq_len"), context=ev.get("context"), kv_cache=kv_cache)
+    check_user_files(files)
+    base, cand = load_pair(baseline, candidate, say)
+    run = _evaluate(base, cand, config, say)
+    run["kind"] = "gate"
+    if sp.section("latency"):
+        cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
+        say("latency benchmark")
+        run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=False)
+    run["gate"] = verdict(sp, run)
+    return run
+
+
+def bench(baseline: Model | str | Path, candidate: Model | str | Path, *, config: BenchConfig | None = None,
+          quick: bool = False, measure_rss: bool = True, progress: Progress | None = None, say: Say | None = None) -> dict:
+    """Measure both models on the same prompts, request by request alternating: weight bytes, peak RSS
+    (each model in a fresh process), prefill/decode tokens/s, TTFT and p50/p95/p99 latency. Returns the
+    run dict; run["bench"] holds the numbers and their candidate/baseline ratios."""
+    from lowbit.data.corpora import wikipedia_text
+
+    config = config or BenchConfig(**({"requests": 4} if quick else {}))
+    base, cand = load_pair(baseline, candidate, say or (lambda s: None))
+    run = {"kind": "bench", "created": _now(), "lowbit_version": __version__, "quick": quick,
+           "baseline": identity(base), "candidate": identity(cand)}
+    t0 = time.perf_counter()
+    run["bench"] = bench_pair(base, cand, wikipedia_text(), config, progress=progress, measure_rss=measure_rss)
+    run["seconds"] = time.perf_counter() - t0
+    return run
+
+
+# -- export / generate -----------------------------------------------------------------------------
+def export(model: Model | str | Path, *, format: str, out: str | Path, type: str = "auto", force: bool = False,
+           progress=None, say: Say | None = None):
+    """Write a model in a runtime's format: "gguf" (llama.cpp; `type` is a GGUF type or "auto", each
+    lowbit scheme to its closest type) or "compressed-tensors" (transformers, vLLM). Schemes a format
+    cannot hold are refused with the nearest choices; non-exact mappings are requantized and listed in
+    the result's notes. Returns lowbit.export.gguf.GGUFExport or lowbit.export.compressed.CTExport."""
+    fmt, out = format.lower(), Path(out)
+    if fmt not in EXPORT_FORMATS:
+        raise LowbitError(f"--format '{format}': unknown; use gguf or compressed-tensors")
+    if fmt == "gguf":
+        from lowbit.export.gguf import normalize_type, write_gguf
+
+        gguf_type = normalize_type(type)
+        if out.exists() and not force:
+            raise LowbitError(f"output file {out}: already exists; fix: choose another --out, or pass --force")
+    elif type != "auto":
+        raise LowbitError("--type: applies to --format gguf only; compressed-tensors keeps each module's lowbit scheme")
+    else:
+        prepare_out_dir(out, force)
+    handle = load_model(model, progress=say) if isinstance(model, (str, Path)) else as_model(model)
+    if fmt == "gguf":
+        return write_gguf(handle.module, out, gguf_type, handle.source, handle.folder, handle.imatrix, progress=progress)
+    from lowbit.export.compressed import write_compressed
+
+    return write_compressed(handle, out, force, progress)
+
+
+def export_summary(res) -> str:
+    """One line on what an export wrote: which tensor types or formats, how many."""
+    if hasattr(res, "tensor_types"):
+        return ", ".join(f"{k} x{v}" for k, v in Counter(res.tensor_types.values()).most_common())
+    return ", ".join(sorted(set(res.formats.values())))
+
+
+def check_generate_options(prompt: str, kv_cache: str | None, engine: str) -> None:
+    """Bad generation options fail before any model loads."""
+    from lowbit.model.kvcache import check_kind
+    from lowbit.runtime.generate import ENGINES
+
+    if not prompt.strip():
+        raise LowbitError("--prompt is empty; give some text to continue")
+    if kv_cache is not None:
+        check_kind(kv_cache, "--kv-cache")
+    if engine not in ENGINES:
+        raise LowbitError(f"--engine: '{engine}' is unknown; use one of {', '.join(ENGINES)}")
+
+
+def engine_for(model: Model, engine: str, kv_cache: str) -> str:
+    """The decode loop generation will run (and, for the lean loop, its native path)."""
+    from lowbit.runtime.decode import engine_label
+    from lowbit.runtime.generate import pick_engine
+
+    used = pick_engine(model.module, engine)
+    return engine_label(model.module, kv_cache) if used == "lean" else used
+
+
+@dataclass
+class Generated:
+    text: str
+    tokens: int  # new tokens
+    seconds: float
+    engine: str  # which decode loop ran, and on which native path
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def generate(model: Model | str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             chat: bool = True, kv_cache: str | None = None, engine: str = "auto",
+             on_text: Callable[[str], None] | None = None) -> Generated:
+    """Generate a continuation of `prompt` (wrapped in the model's chat template when chat and it has
+    one), streaming text pieces to on_text as they come. kv_cache None: the model's own (its recipe's);
+    engine: auto (the lean loop where the architecture allows), lean or hf."""
+    from lowbit.runtime.generate import generate_text
+
+    check_generate_options(prompt, kv_cache, engine)
+    handle = load_model(model) if isinstance(model, (str, Path)) else as_model(model)
+    tok = handle.need_tokenizer("generate")
+    kv = kv_cache or handle.kv_cache
+    label = engine_for(handle, engine, kv)
+    pieces: list[str] = []
+
+    def emit(s: str) -> None:
+        pieces.append(s)
+        if on_text is not None:
+            on_text(s)
+
+    t0 = time.perf_counter()
+    n = generate_text(handle.module, tok, prompt, max_new_tokens, temperature, chat, on_text=emit, kv_cache=kv,
+                      engine=engine)
+    return Generated("".join(pieces), n, time.perf_counter() - t0, label)
+
+
+__all__ = ["Model", "load", "quantize", "save", "evaluate", "gate", "bench", "export", "generate", "Generated",
+           "CalibConfig", "EvalConfig", "BenchConfig", "Recipe", "preset", "PRESETS", "method_for", "export_summary"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.errors import LowbitError
 
 app = typer.Typer(
@@ -88,57 +89,39 @@ def quantize(
 
     Example: lowbit quantize --model smollm2-135m --recipe w4-g128 --method gptq --calib mix --samples 128 --seq-len 512 --out out/smollm2-w4-gptq
     """
-    from lowbit.export.native import prepare_out_dir, save_artifact
-    from lowbit.model.load import load_model
-    from lowbit.model.quantize import quantize_model
+    from lowbit import api
+    from lowbit.calib import CalibConfig, method_for
     from lowbit.recipe import resolve_recipe
 
     rec = resolve_recipe(recipe)
-    method = method or ("gptq" if calib and rec.algorithm == "rtn" else rec.algorithm)
-    prepare_out_dir(out_dir, force)  # fail before the slow part
+    cfg = None
+    if method == "rtn" and not calib:  # plain round-to-nearest, whatever the recipe's algorithm says
+        rec = replace(rec, algorithm="rtn")
+    elif method or calib or rec.algorithm != "rtn":
+        cfg = CalibConfig(method=method, data=calib or "mix", samples=samples, seq_len=seq_len, damp=damp,
+                          act_order=act_order, alpha=alpha)
+    method = method_for(rec, cfg)
     _quiet_transformers()
     t0 = time.perf_counter()
-    calibrated = method != "rtn" or bool(calib)
-    if calibrated:
-        from lowbit.calib import CalibOptions, quantize_calibrated
-        from lowbit.calib.sequential import check_method
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as prog:
+        task = prog.add_task(f"Quantizing ({method}, {rec.name})", total=None)
 
-        check_method(method, rec)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as prog:
-            task = prog.add_task(f"Calibrating ({method}, {rec.name})", total=None)
+        def step(msg: str, i: int, total: int) -> None:
+            prog.update(task, total=total, completed=i, description=f"{method}: {msg}")
 
-            def block_step(msg: str, i: int, total: int) -> None:
-                prog.update(task, total=total, completed=i, description=f"{method}: {msg}")
-
-            loaded = quantize_calibrated(model, rec, method, calib or "mix", samples, seq_len, out=out_dir,
-                                         options=CalibOptions(damp=damp, act_order=act_order, alpha=alpha),
-                                         progress=block_step, force=force, kernels=False,
-                                         say=lambda msg: err.print(msg, highlight=False))  # writes out_dir too
-        plans = loaded.model.lowbit_plan
-        fell = loaded.model.lowbit_calibration["rtn_fallbacks"]
-        if fell:
-            err.print(f"[yellow]note:[/] {len(fell)} module(s) fell back to round-to-nearest, e.g. {fell[0]}", highlight=False)
-    else:
-        with err.status(f"Loading {model} ..."):
-            loaded = load_model(model, progress=lambda msg: err.print(msg))
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as prog:
-            task = prog.add_task(f"Quantizing ({rec.name})", total=None)
-
-            def step(name: str, i: int, total: int) -> None:
-                prog.update(task, total=total, completed=i, description=f"Quantizing {name}")
-
-            plans = quantize_model(loaded.model, rec, step)
+        q = api.quantize(model, rec, calib=cfg, out=out_dir, force=force, progress=step,
+                            say=lambda msg: err.print(msg, highlight=False))  # writes out_dir too
+    plans = q.plan
+    fell = (q.calibration or {}).get("rtn_fallbacks")
+    if fell:
+        err.print(f"[yellow]note:[/] {len(fell)} module(s) fell back to round-to-nearest, e.g. {fell[0]}", highlight=False)
     notes: dict[str, list[str]] = {}
     for p in plans:
         if p.note:
             notes.setdefault(p.note, []).append(p.name)
     for note, names in notes.items():
         err.print(f"[yellow]note:[/] {note} in {len(names)} module(s), e.g. {names[0]}", highlight=False)
-    if not calibrated:  # the calibrated loop wrote out_dir itself, before packing kernels
-        with err.status(f"Writing {out_dir} ..."):
-            save_artifact(loaded.model, loaded.tokenizer, out_dir, loaded.source, force)
     from lowbit.export.inspect import artifact_summary
 
     s = artifact_summary(out_dir)
@@ -168,38 +151,14 @@ def export(
     Examples: lowbit export out/smollm2-w4 --format gguf --type Q4_K_M --out out/smollm2.gguf
               lowbit export out/smollm2-w4 --format compressed-tensors --out out/smollm2-ct
     """
-    from lowbit.model.load import load_model
+    from lowbit import api
+    from lowbit.api import export_summary
 
-    fmt = fmt.lower()
-    if fmt not in ("gguf", "compressed-tensors"):
-        raise LowbitError(f"--format '{fmt}': unknown; use gguf or compressed-tensors")
-    if fmt == "gguf":
-        from lowbit.export.gguf import normalize_type, write_gguf
-
-        gguf_type = normalize_type(gguf_type)
-        if out_path.exists() and not force:
-            raise LowbitError(f"output file {out_path}: already exists; fix: choose another --out, or pass --force")
-    elif gguf_type != "auto":
-        raise LowbitError("--type: applies to --format gguf only; compressed-tensors keeps each module's lowbit scheme")
-    else:
-        from lowbit.export.native import prepare_out_dir
-
-        prepare_out_dir(out_path, force)
     _quiet_transformers()
-    with err.status(f"Loading {artifact} ..."):
-        loaded = load_model(artifact, progress=lambda msg: err.print(msg))
-    with err.status(f"Writing {out_path} ..."):
-        if fmt == "gguf":
-            res = write_gguf(loaded.model, out_path, gguf_type, loaded.source, loaded.folder,
-                             getattr(loaded.model, "lowbit_imatrix", None))
-            from collections import Counter
-
-            kinds = ", ".join(f"{k} x{v}" for k, v in Counter(res.tensor_types.values()).most_common())
-        else:
-            from lowbit.export.compressed import write_compressed
-
-            res = write_compressed(loaded.model, loaded.tokenizer, out_path, force)
-            kinds = ", ".join(sorted(set(res.formats.values())))
+    with err.status(f"Exporting {artifact} to {out_path} ..."):
+        res = api.export(artifact, format=fmt, out=out_path, type=gguf_type, force=force,
+                            say=lambda msg: err.print(msg))
+    kinds = export_summary(res)
     for note in res.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     out.print(f"Wrote {out_path}: {_human(res.size)}; {res.exact} quantized weight(s) written exactly, "
@@ -225,45 +184,25 @@ def generate(
 
     Example: lowbit generate out/smollm2-w4 --prompt "Explain quantization in one sentence." --kv-cache int8
     """
-    from lowbit.model.generate import generate_text
-    from lowbit.model.load import load_model
-
-    if not prompt.strip():
-        raise LowbitError("--prompt is empty; give some text to continue")
-    from lowbit.model.generate import ENGINES
-    from lowbit.runtime.kvcache import check_kind
-
-    if kv_cache is not None:  # bad options fail before the model loads
-        check_kind(kv_cache, "--kv-cache")
-    if engine not in ENGINES:
-        raise LowbitError(f"--engine: '{engine}' is unknown; use one of {', '.join(ENGINES)}")
-    _quiet_transformers()
-    with err.status(f"Loading {model} ..."):
-        loaded = load_model(model, progress=lambda msg: err.print(msg))
-    m = loaded.model
-    from lowbit.bench.latency import weight_bytes
-    from lowbit.model.generate import pick_engine
+    from lowbit import api
+    from lowbit import native
+    from lowbit.api import check_generate_options, engine_for
     from lowbit.model.qlinear import QLinear, kernel_summary
 
-    used = pick_engine(m, engine)
-    from lowbit.runtime.kvcache import kv_of
-
-    kv_cache = kv_cache or kv_of(m)
-    kernels_used = kernel_summary({n: q.plan for n, q in m.named_modules() if isinstance(q, QLinear) and q.plan})
+    check_generate_options(prompt, kv_cache, engine)
+    _quiet_transformers()
+    with err.status(f"Loading {model} ..."):
+        m = api.load(model, say=lambda msg: err.print(msg))
+    kernels_used = kernel_summary({n: q.plan for n, q in m.module.named_modules() if isinstance(q, QLinear) and q.plan})
     ktext = ", ".join(f"{k} x{v}" for k, v in kernels_used.items()) or "float"
-    if used == "lean":
-        from lowbit.runtime.decode import engine_label
-
-        used = engine_label(m, kv_cache)
-    from lowbit import native
-
-    err.print(f"[dim]model in memory: {_human(weight_bytes(m))}; kernels: {ktext}; engine: {used}; kv-cache: {kv_cache}; "
+    kv = kv_cache or m.kv_cache
+    label = engine_for(m, engine, kv)
+    err.print(f"[dim]model in memory: {_human(m.weight_bytes)}; kernels: {ktext}; engine: {label}; kv-cache: {kv}; "
               f"{native.describe()}[/]", highlight=False)
-    t0 = time.perf_counter()
-    n = generate_text(m, loaded.tokenizer, prompt, max_new_tokens, temperature, chat,
-                      on_text=lambda s: (out.print(s, end="", highlight=False, markup=False), sys.stdout.flush()),
-                      kv_cache=kv_cache, engine=engine)
-    dt = time.perf_counter() - t0
+    res = api.generate(m, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat, kv_cache=kv_cache,
+                          engine=engine,
+                          on_text=lambda s: (out.print(s, end="", highlight=False, markup=False), sys.stdout.flush()))
+    n, dt = res.tokens, res.seconds
     out.print()
     err.print(f"[dim]{n} tokens in {dt:.1f} s ({n / dt:.1f} tokens/s)[/]")
 
@@ -329,11 +268,8 @@ def _say(msg: str) -> None:
     err.print(f"[dim]{msg}[/]", highlight=False)
 
 
-def _eval_with_progress(base, cand, opts) -> dict:
-    """evaluate() under a progress bar: one step for the divergence pass and one per suite."""
-    from lowbit.eval.run import evaluate
-
-    steps = 1 + len(opts.suites) + len(opts.user_files)
+def _with_progress(steps: int, work):
+    """work(say) under a progress bar of `steps` steps; each message after the first ends a step."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task("evaluating", total=steps)
@@ -345,9 +281,19 @@ def _eval_with_progress(base, cand, opts) -> dict:
             seen[0] += 1
             prog.update(task, description=msg)
 
-        run = evaluate(base, cand, opts, say)
+        result = work(say)
         prog.advance(task)
-    return run
+    return result
+
+
+def _load_both(baseline: str, candidate: str):
+    from lowbit import api
+
+    _quiet_transformers()
+    _say(f"loading baseline {baseline}")
+    base = api.load(baseline, say=_say)
+    _say(f"loading candidate {candidate}")
+    return base, api.load(candidate, say=_say)
 
 
 def _finish_run(run: dict, report_root: Path, no_report: bool) -> Path | None:
@@ -410,15 +356,15 @@ def eval_cmd(
 
     Example: lowbit eval smollm2-135m out/smollm2-w4 --quick
     """
-    from lowbit.eval.run import EvalOptions, check_user_files, load_pair, parse_suites
+    from lowbit import api
+    from lowbit.eval.run import EvalConfig, check_user_files, load_pair, parse_suites
 
     names, files = parse_suites(suites)
     check_user_files(files)
-    _quiet_transformers()
-    base, cand = load_pair(baseline, candidate, _say)
-    run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick, samples=samples,
-                                                      seq_len=seq_len, context=context, worst=worst,
-                                                      kv_cache=kv_cache))
+    base, cand = load_pair(*_load_both(baseline, candidate), _say)
+    cfg = EvalConfig(suites=names, user_files=files, quick=quick, samples=samples, seq_len=seq_len, context=context,
+                     worst=worst, kv_cache=kv_cache)
+    run = _with_progress(1 + len(names) + len(files), lambda say: api.evaluate(base, cand, config=cfg, say=say))
     _print_eval(run)
     _finish_run(run, report_dir, no_report)
 
@@ -439,29 +385,15 @@ def gate(
 
     Example: lowbit gate default smollm2-135m out/smollm2-int8 --quick
     """
-    from lowbit.eval.gate import evaluate as gate_eval
+    from lowbit import api
     from lowbit.eval.gate import load_spec
-    from lowbit.eval.run import EvalOptions, check_user_files, load_pair
+    from lowbit.eval.run import check_user_files, load_pair
 
-    sp = load_spec(spec)
-    ev = sp.section("eval")
-    names = tuple(n for n in ("general", "jargon", "long_context", "json") if n == "general" or n in sp.suites)
-    files = (sp.suites["user"]["file"],) if "user" in sp.suites else ()
-    check_user_files(files)
-    _quiet_transformers()
-    base, cand = load_pair(baseline, candidate, _say)
-    run = _eval_with_progress(base, cand, EvalOptions(suites=names, user_files=files, quick=quick,
-                                                      samples=ev.get("samples"), seq_len=ev.get("seq_len"),
-                                                      context=ev.get("context"), kv_cache=kv_cache))
-    run["kind"] = "gate"
-    if sp.section("latency"):
-        from lowbit.bench.latency import BenchConfig, bench_pair
-        from lowbit.data.corpora import wikipedia_text
-
-        cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
-        _say("latency benchmark")
-        run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=False)
-    run["gate"] = gate_eval(sp, run)
+    sp = load_spec(spec)  # a bad spec or user file fails before any model loads
+    check_user_files((sp.suites["user"]["file"],) if "user" in sp.suites else ())
+    base, cand = load_pair(*_load_both(baseline, candidate), _say)
+    steps = 1 + len(sp.suites) + (1 if "general" not in sp.suites else 0) + (1 if sp.section("latency") else 0)
+    run = _with_progress(steps, lambda say: api.gate(sp, base, cand, quick=quick, kv_cache=kv_cache, say=say))
     t = Table(title=f"gate: {sp.source}")
     for col in ("criterion", "value", "", "threshold", "result"):
         t.add_column(col)
@@ -497,17 +429,13 @@ def bench(
 
     Example: lowbit bench smollm2-135m out/smollm2-int8 --quick
     """
-    from lowbit.bench.latency import BenchConfig, bench_pair
-    from lowbit.data.corpora import wikipedia_text
-    from lowbit.eval.run import identity, load_pair
+    from lowbit import api
+    from lowbit.bench.latency import BenchConfig
 
     cfg = BenchConfig(prompt_tokens=prompt_tokens, output_tokens=output_tokens, batch_size=batch_size,
-                      concurrency=concurrency, engine=engine, kv_cache=kv_cache, **({"requests": requests} if requests else {"requests": 4} if quick else {}))
-    _quiet_transformers()
-    base, cand = load_pair(baseline, candidate, _say)
-    run = {"kind": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lowbit_version": __version__,
-           "quick": quick, "baseline": identity(base), "candidate": identity(cand)}
-    t0 = time.perf_counter()
+                      concurrency=concurrency, engine=engine, kv_cache=kv_cache,
+                      **({"requests": requests} if requests else {"requests": 4} if quick else {}))
+    base, cand = _load_both(baseline, candidate)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task("benchmarking", total=None)
@@ -515,8 +443,7 @@ def bench(
         def step(what: str, done: int, total: int) -> None:
             prog.update(task, description=f"bench: {what}", completed=done, total=total)
 
-        run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, progress=step, measure_rss=rss)
-    run["seconds"] = time.perf_counter() - t0
+        run = api.bench(base, cand, config=cfg, quick=quick, measure_rss=rss, progress=step)
     b = run["bench"]
     t = Table(title="bench")
     for col in ("", "baseline", "candidate", "candidate / baseline"):

@@ -9,7 +9,7 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import perplexity, token_windows
-from lowbit.model.generate import complete
+from lowbit.runtime.generate import complete
 from lowbit.model.load import load_model
 from lowbit.model.kernels import REDUCE_RANGE
 from lowbit.model.qlinear import QLinear
@@ -47,13 +47,13 @@ def assert_sensible_english(text, vocab):
 
 @pytest.fixture(scope="module")
 def baseline_ppl(smol, wiki_windows):
-    return perplexity(smol.model, wiki_windows)
+    return perplexity(smol.module, wiki_windows)
 
 
 def test_baseline_is_sane(smol, baseline_ppl):
     assert smol.source["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert 5 < baseline_ppl < 40  # a 135M model on Wikipedia
-    assert "Paris" in complete(smol.model, smol.tokenizer, QUESTION, 16)
+    assert "Paris" in complete(smol.module, smol.tokenizer, QUESTION, 16)
 
 
 # ppl ceilings relative to FP32 measured on these tokens (see docs/BENCHMARKS.md for the full table)
@@ -65,23 +65,23 @@ W8A8_CEILING = 1.12 if REDUCE_RANGE else 1.06
                                                ("w4-g32", 1.4), ("w4-g128", 1.45), ("nf4", 1.45)])
 def test_preset_on_bundled_model(preset, max_ratio, wiki_windows, baseline_ppl, english_words, tmp_path):
     loaded = load_model("smollm2-135m")
-    lowbit.quantize(loaded.model, preset)
-    ppl = perplexity(loaded.model, wiki_windows)
+    lowbit.quantize(loaded, preset)
+    ppl = perplexity(loaded.module, wiki_windows)
     assert baseline_ppl <= ppl * 1.01 and ppl < baseline_ppl * max_ratio, (ppl, baseline_ppl)
-    lowbit.save(loaded.model, tmp_path / "art")
+    lowbit.save(loaded, tmp_path / "art")
     back = load_model(tmp_path / "art")
-    assert sum(isinstance(m, QLinear) for m in back.model.modules()) == 211  # 7 per block and the head
+    assert sum(isinstance(m, QLinear) for m in back.module.modules()) == 211  # 7 per block and the head
     ids = wiki_windows[:1, :64]
     with torch.no_grad():
-        assert torch.equal(back.model(ids).logits, loaded.model(ids).logits)
-    assert_sensible_english(complete(back.model, back.tokenizer, QUESTION, 20), english_words)
+        assert torch.equal(back.module(ids).logits, loaded.module(ids).logits)
+    assert_sensible_english(complete(back.module, back.tokenizer, QUESTION, 20), english_words)
 
 
 def test_load_in_4bit_on_bundled_model(baseline_ppl, wiki_windows, english_words):
     model = lowbit.load("smollm2-135m", load_in_4bit=True, quant_type="nf4", double_quant=True,
                         compute_dtype=torch.bfloat16)
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert_sensible_english(complete(model, model.lowbit_tokenizer, QUESTION, 24), english_words)
+    assert model.module.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert_sensible_english(complete(model.module, model.tokenizer, QUESTION, 24), english_words)
     assert perplexity(model, wiki_windows[:2]) < baseline_ppl * 1.5
 
 
@@ -99,21 +99,21 @@ def test_truncated_real_gguf_is_refused(tmp_path):
                     reason="gemma3-270m packages not installed (make setup installs them)")
 def test_gemma3_loads_and_answers():
     g = load_model("gemma3-270m")
-    assert type(g.model).__name__.startswith("Gemma3")
-    lowbit.quantize(g.model, "int8")
-    assert "Paris" in complete(g.model, g.tokenizer, QUESTION, 24)
+    assert type(g.module).__name__.startswith("Gemma3")
+    lowbit.quantize(g, "int8")
+    assert "Paris" in complete(g.module, g.tokenizer, QUESTION, 24)
 
 
 def test_default_gate_passes_int8_and_fails_a_damaged_candidate(smol):
     """The issue's check: an honest INT8 passes the default gate (quick sizes), one 2-bit layer fails it."""
     from lowbit.eval.gate import evaluate as gate_eval
     from lowbit.eval.gate import load_spec
-    from lowbit.eval.run import EvalOptions, evaluate
+    from lowbit.eval.run import EvalConfig, evaluate
     from lowbit.formats import QuantSpec
     from lowbit.recipe import Override, Recipe
 
     spec = load_spec("default")
-    opts = EvalOptions(suites=("general", "jargon", "long_context", "json"), quick=True)
+    opts = EvalConfig(suites=("general", "jargon", "long_context", "json"), quick=True)
     verdicts = {}
     for name, recipe in {
         "int8": "int8",
@@ -121,7 +121,7 @@ def test_default_gate_passes_int8_and_fails_a_damaged_candidate(smol):
                           overrides=(Override("model.layers.3.mlp.down_proj", QuantSpec(kind="int", bits=2)),)),
     }.items():
         cand = load_model("smollm2-135m")
-        lowbit.quantize(cand.model, recipe)
+        lowbit.quantize(cand, recipe)
         run = evaluate(smol, cand, opts)
         verdicts[name] = gate_eval(spec, run)
     assert verdicts["int8"]["passed"], verdicts["int8"]["criteria"]
@@ -142,12 +142,12 @@ def test_every_cpu_path_answers_a_factual_prompt(preset):
     loaded = load_model("smollm2-135m")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lowbit.quantize(loaded.model, preset)
+        lowbit.quantize(loaded, preset)
     answers = {}
     for isa in native.supported_isas() if native.available() else []:
         with native.using(isa):
-            answers[isa] = complete(loaded.model, loaded.tokenizer, QUESTION, 12)
+            answers[isa] = complete(loaded.module, loaded.tokenizer, QUESTION, 12)
     with native.disabled():
-        prepare_model(loaded.model, warn=False)  # torch's own packing and kernels
-        answers["torch"] = complete(loaded.model, loaded.tokenizer, QUESTION, 12)
+        prepare_model(loaded.module, warn=False)  # torch's own packing and kernels
+        answers["torch"] = complete(loaded.module, loaded.tokenizer, QUESTION, 12)
     assert all("Paris" in a for a in answers.values()), answers

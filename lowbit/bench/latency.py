@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.model.load import Loaded
+from lowbit.model.handle import Model, weight_bytes
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -63,8 +63,8 @@ class BenchConfig:
             raise LowbitError(f"bench option 'warmup': must be 0 or more, got {self.warmup}")
         if not 0 <= self.prompt_spread < 1:
             raise LowbitError(f"bench option 'prompt_spread': must be in [0, 1), got {self.prompt_spread}")
-        from lowbit.model.generate import ENGINES
-        from lowbit.runtime.kvcache import check_kind
+        from lowbit.runtime.generate import ENGINES
+        from lowbit.model.kvcache import check_kind
 
         if self.engine not in ENGINES:
             raise LowbitError(f"bench option 'engine': '{self.engine}' is unknown; use one of {', '.join(ENGINES)}")
@@ -146,7 +146,7 @@ class _FirstTokenClock:
 def timed_request(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad: int, engine: str = "auto",
                   kv_cache: str = "none") -> dict:
     """Run one greedy request; returns its timings (seconds) and token counts."""
-    from lowbit.model.generate import pick_engine
+    from lowbit.runtime.generate import pick_engine
 
     ids, mask = left_pad(prompts, pad)
     clock = _FirstTokenClock()
@@ -161,7 +161,7 @@ def timed_request(model: nn.Module, prompts: list[list[int]], new_tokens: int, p
             total = time.perf_counter() - t0
             generated = out.shape[1]
         else:
-            from lowbit.runtime.kvcache import QuantizedKVCache
+            from lowbit.model.kvcache import QuantizedKVCache
 
             extra = {} if kv_cache == "none" else {"cache": QuantizedKVCache(kv_cache, model.config)}
             t0 = time.perf_counter()
@@ -194,22 +194,6 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(s) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers in memory, each storage counted once (tied embeddings share
-    one); a QLinear counts what it holds now (QLinear.memory_bytes: kernel tensors, not qdata twice)."""
-    from lowbit.model.qlinear import QLinear
-
-    qlinears = [m for m in model.modules() if isinstance(m, QLinear)]
-    inside = {id(t) for m in qlinears for t in [*m._buffers.values(), *m._parameters.values()] if t is not None}
-    seen, total = set(), sum(m.memory_bytes for m in qlinears)
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if id(t) not in inside and key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _rate(tokens: float, seconds: float) -> float | None:
@@ -259,8 +243,8 @@ def ratios(base: dict, cand: dict) -> dict:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
-def check_fits(loaded: Loaded, config: BenchConfig) -> None:
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+def check_fits(loaded: Model, config: BenchConfig) -> None:
+    limit = getattr(loaded.module.config, "max_position_embeddings", None)
     need = config.max_prompt_tokens + config.output_tokens
     if limit is not None and need > limit:
         raise LowbitError(f"bench options: prompts up to {config.max_prompt_tokens} tokens plus "
@@ -268,7 +252,7 @@ def check_fits(loaded: Loaded, config: BenchConfig) -> None:
                           f"fix: lower prompt_tokens or output_tokens")
 
 
-def bench_pair(baseline: Loaded, candidate: Loaded, text: str, config: BenchConfig, progress: Progress | None = None,
+def bench_pair(baseline: Model, candidate: Model, text: str, config: BenchConfig, progress: Progress | None = None,
                measure_rss: bool = True) -> dict:
     """Measure both models on the same prompts; returns the run dict's "bench" value."""
     loaded = {"baseline": baseline, "candidate": candidate}
@@ -277,14 +261,14 @@ def bench_pair(baseline: Loaded, candidate: Loaded, text: str, config: BenchConf
     # One tokenization for both, so both models see exactly the same token ids.
     requests = make_requests(baseline.tokenizer, text, config, config.warmup + config.requests)
     results, wall = measure(loaded, requests, config, progress)
-    stats = {side: {"weight_bytes": weight_bytes(ld.model), **summarize(results[side], wall[side])}
+    stats = {side: {"weight_bytes": weight_bytes(ld.module), **summarize(results[side], wall[side])}
              for side, ld in loaded.items()}
     add_rss(stats, loaded, text, config, measure_rss, progress)
     return {"config": asdict(config), "baseline": stats["baseline"], "candidate": stats["candidate"],
             "ratios": ratios(stats["baseline"], stats["candidate"])}
 
 
-def measure(loaded: dict[str, Loaded], requests: list, config: BenchConfig,
+def measure(loaded: dict[str, Model], requests: list, config: BenchConfig,
             progress: Progress | None) -> tuple[dict[str, list[dict]], dict[str, float]]:
     """Run the requests on both models alternately, wave by wave (a wave: `concurrency` requests at once),
     the order flipped every wave; the first config.warmup requests are run but not recorded."""
@@ -299,7 +283,7 @@ def measure(loaded: dict[str, Loaded], requests: list, config: BenchConfig,
         for i, wave in enumerate(waves):
             order = ("baseline", "candidate") if i % 2 == 0 else ("candidate", "baseline")
             for side in order:
-                res, secs = run_wave(loaded[side].model, wave, config, pad_id(loaded[side].tokenizer), pool)
+                res, secs = run_wave(loaded[side].module, wave, config, pad_id(loaded[side].tokenizer), pool)
                 if i >= len(warm_waves):
                     results[side].extend(res)
                     wall[side] += secs
@@ -311,7 +295,7 @@ def measure(loaded: dict[str, Loaded], requests: list, config: BenchConfig,
     return results, wall
 
 
-def add_rss(stats: dict, loaded: dict[str, Loaded], text: str, config: BenchConfig, measure: bool,
+def add_rss(stats: dict, loaded: dict[str, Model], text: str, config: BenchConfig, measure: bool,
             progress: Progress | None) -> None:
     """Fill peak_rss_bytes and rss_floor_bytes of each side (None when not measured)."""
     floor = peak_rss_subprocess(None, config) if measure else None
@@ -325,11 +309,11 @@ def add_rss(stats: dict, loaded: dict[str, Loaded], text: str, config: BenchConf
         stats[side].update(peak_rss_bytes=peak, rss_floor_bytes=floor)
 
 
-def rss_target(loaded: Loaded) -> tuple[str, dict | None]:
+def rss_target(loaded: Model) -> tuple[str, dict | None]:
     """What a fresh process loads to rebuild this model: (path for load_model, recipe to apply or None)."""
     if loaded.meta:  # a lowbit artifact: its own folder (source["path"] names the float original)
         return str(loaded.folder), None
-    recipe = getattr(loaded.model, "lowbit_recipe", None)  # quantized in memory: load the float model, quantize
+    recipe = loaded.recipe  # quantized in memory: load the float model, quantize
     return str(loaded.source["path"]), None if recipe is None else recipe.to_dict()
 
 
@@ -384,8 +368,8 @@ def _rss_child() -> None:
             from lowbit.model.quantize import quantize_model
             from lowbit.recipe import Recipe
 
-            quantize_model(loaded.model, Recipe.from_dict(job["recipe"]))
+            quantize_model(loaded.module, Recipe.from_dict(job["recipe"]))
         prompt = text_tokens(loaded.tokenizer, job["text"] or FILLER, config.max_prompt_tokens)
-        timed_request(loaded.model, [prompt] * config.batch_size, config.output_tokens, pad_id(loaded.tokenizer),
+        timed_request(loaded.module, [prompt] * config.batch_size, config.output_tokens, pad_id(loaded.tokenizer),
                       config.engine, config.kv_cache)
     print(json.dumps({"peak_rss_bytes": max_rss_bytes()}))

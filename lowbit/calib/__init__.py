@@ -1,82 +1,100 @@
 """Calibration-based quantization: GPTQ, AWQ, SmoothQuant W8A8 and MSE clipping, run block by block.
 
-    lowbit.calib.quantize_calibrated("smollm2-135m", "w4-g128", "gptq", calib="mix", samples=128,
-                                     seq_len=512, out="out/smollm2-w4-gptq")
+The public entry is lowbit.quantize(model, recipe, calib=CalibConfig(...)); this package holds the
+loop (sequential.py), the algorithms and the calibration data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from lowbit.calib.data import BUILTIN, CalibData, load_calibration
-from lowbit.calib.sequential import METHODS, CalibOptions, TensorSource, quantize_sequential
+from lowbit.calib.sequential import METHODS, CalibOptions, Calibrated, TensorSource, check_method, quantize_sequential
 from lowbit.errors import LowbitError
-from lowbit.recipe import Recipe, resolve_recipe
+from lowbit.model import sources
+from lowbit.model.artifact import prepare_out_dir, save_artifact
+from lowbit.model.handle import Model
+from lowbit.model.load import float_folder
+from lowbit.model.qlinear import prepare_model
+from lowbit.model.skeleton import empty_model, finish_model, load_tokenizer
+from lowbit.recipe import Recipe
 
 DEFAULT_CALIB = "mix"
 
 
-def quantize_calibrated(name_or_path: str | Path, recipe: Recipe | str | Path, method: str | None = None,
-                        calib: str | Path | list[str] = DEFAULT_CALIB, samples: int = 128, seq_len: int = 512,
-                        out: str | Path | None = None, options: CalibOptions | None = None, progress=None,
-                        force: bool = False, say=lambda msg: None, kernels: bool = True):
+@dataclass(frozen=True)
+class CalibConfig(CalibOptions):
+    """How to calibrate: the method, the prompts and the algorithms' settings (CalibOptions' fields)."""
+
+    method: str | None = None  # rtn, rtn-mse, gptq, awq, awq-gptq, smoothquant; None: see method_for
+    data: str | Path | tuple | list | CalibData = DEFAULT_CALIB  # a .txt/.jsonl file, a built-in set, or texts
+    samples: int = 128  # calibration windows
+    seq_len: int = 512  # tokens per window
+
+    def options(self) -> CalibOptions:
+        return CalibOptions(**{f.name: getattr(self, f.name) for f in fields(CalibOptions)})
+
+
+def method_for(recipe: Recipe, calib: CalibConfig | None) -> str:
+    """The one defaulting rule: an explicit method wins; calibration data with an RTN recipe means
+    GPTQ; otherwise the recipe's own algorithm."""
+    if calib is None:
+        return recipe.algorithm
+    if calib.method:
+        return calib.method
+    return "gptq" if recipe.algorithm == "rtn" else recipe.algorithm
+
+
+def calibrate(model: Model, recipe: Recipe, calib: CalibConfig, progress=None) -> Model:
+    """Quantize a model already in memory, block by block (in place; returns the handle)."""
+    method = method_for(recipe, calib)
+    check_method(method, recipe)
+    tok = model.need_tokenizer("quantize with calibration")
+    data = calib.data if isinstance(calib.data, CalibData) else load_calibration(calib.data, tok, calib.samples, calib.seq_len)
+    done = quantize_sequential(model.module, recipe, method, data, None, calib.options(), progress)
+    return _record(model, done)
+
+
+def calibrate_checkpoint(name_or_path: str | Path, recipe: Recipe, calib: CalibConfig, out: str | Path | None = None,
+                         progress=None, force: bool = False, say=lambda msg: None, kernels: bool = True) -> Model:
     """Quantize a float checkpoint with calibration, streaming it block by block from disk.
 
-    method: "gptq", "awq", "awq-gptq" (AWQ scales folded in, then GPTQ rounding), "smoothquant", "rtn-mse" or "rtn" (default: the recipe's algorithm).
-    calib: a .txt or .jsonl file, a built-in set (see lowbit.calib.data.BUILTIN) or a list of texts.
-    Returns the Loaded quantized model; with `out`, also writes the artifact there (atomically).
-    kernels=False skips picking the CPU kernels after saving (each module then picks its own on first
-    use): for callers that only want the artifact, as the CLI does. Packing every weight into the
-    kernels' layout was the highest point of memory in the capped benchmark.
+    With `out`, the artifact is written there (atomically) from the stored form, before the kernels
+    repack the weights. kernels=False skips picking the CPU kernels after saving (each module then picks
+    its own on first use), for callers that only want the artifact: packing every weight into the
+    kernels' layout is the highest point of memory otherwise.
     """
-    from lowbit.model import sources
-    from lowbit.model.load import Loaded, empty_model, float_folder, load_tokenizer
-
-    rec = resolve_recipe(recipe)
-    method = method or rec.algorithm
-    from lowbit.calib.sequential import check_method
-
-    check_method(method, rec)
+    method = method_for(recipe, calib)
+    check_method(method, recipe)
     if out is not None:
-        from lowbit.export.native import prepare_out_dir
-
         prepare_out_dir(Path(out), force)
     src = sources.resolve(name_or_path)
     folder, digest = float_folder(src, say)
     tokenizer = load_tokenizer(folder)
-    data = load_calibration(calib, tokenizer, samples, seq_len)
+    data = calib.data if isinstance(calib.data, CalibData) else load_calibration(calib.data, tokenizer, calib.samples,
+                                                                                 calib.seq_len)
     say(f"calibration: {data.describe()}")
-    model = empty_model(folder, torch.float32)
-    quantize_sequential(model, rec, method, data, TensorSource(folder), options or CalibOptions(), progress,
-                        kernels=False)
-    from lowbit.model.load import _finish
-    from lowbit.model.qlinear import prepare_model
-
-    loaded = Loaded(_finish(model, folder), tokenizer, {**src.describe(), "sha256": digest}, folder)
-    if out is not None:  # saved from the stored form, before the kernels repack the weights
-        from lowbit.export.native import save_artifact
-
+    module = empty_model(folder, torch.float32)
+    done = quantize_sequential(module, recipe, method, data, TensorSource(folder), calib.options(), progress, kernels=False)
+    model = _record(Model(finish_model(module, folder), tokenizer, {**src.describe(), "sha256": digest}, folder), done)
+    if out is not None:
         if progress:
             progress("saving", 1, 1)
-        save_artifact(loaded.model, tokenizer, out, loaded.source, force)
+        save_artifact(model, out, force)
     if kernels:
         if progress:
             progress("kernels", 1, 1)
-        prepare_model(loaded.model)
-    return loaded
-
-
-def quantize_model_calibrated(model, tokenizer, recipe: Recipe | str | Path, method: str | None = None,
-                              calib: str | Path | list[str] | CalibData = DEFAULT_CALIB, samples: int = 128,
-                              seq_len: int = 512, options: CalibOptions | None = None, progress=None):
-    """The same loop on a model already in memory (quantized in place; returns it)."""
-    rec = resolve_recipe(recipe)
-    data = calib if isinstance(calib, CalibData) else load_calibration(calib, tokenizer, samples, seq_len)
-    quantize_sequential(model, rec, method or rec.algorithm, data, None, options or CalibOptions(), progress)
+        prepare_model(model.module)
     return model
 
 
-__all__ = ["quantize_calibrated", "quantize_model_calibrated", "load_calibration", "CalibOptions", "CalibData",
-           "METHODS", "BUILTIN", "LowbitError"]
+def _record(model: Model, done: Calibrated) -> Model:
+    model.plan, model.recipe, model.imatrix, model.calibration = done.plan, done.recipe, done.imatrix, done.record
+    return model
+
+
+__all__ = ["CalibConfig", "calibrate", "calibrate_checkpoint", "method_for", "load_calibration", "CalibOptions",
+           "CalibData", "METHODS", "BUILTIN", "DEFAULT_CALIB", "LowbitError"]

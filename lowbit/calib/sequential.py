@@ -32,12 +32,12 @@ from lowbit.errors import LowbitError
 from lowbit.formats import affine
 from lowbit.formats.qtensor import int_qtensor, quantize_tensor
 from lowbit.formats.spec import QuantSpec
-from lowbit.model.load import release_memory
 from lowbit.model.qlinear import QLinear, prepare_model, share_embedding
 from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_kept, set_submodule
-from lowbit.recipe import Recipe
+from lowbit.model.skeleton import release_memory, set_tensor
+from lowbit.recipe import ALGORITHMS, Recipe
 
-METHODS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant")  # awq-gptq: AWQ scales folded, then GPTQ rounding
+METHODS = ALGORITHMS  # the recipe's algorithm list is the one list of methods
 AWQ_SCALES = ("awq", "awq-gptq")  # methods that search AWQ scales (and keep activation rows for it)
 GPTQ_ROUNDING = ("gptq", "awq-gptq")  # methods that accumulate Hessians and round with GPTQ
 OFFLOAD_MIN = 1 << 20  # elements: float tensors outside the blocks this large go back to disk during the loop
@@ -81,7 +81,6 @@ class TensorSource:
 
 
 def _fill(model: nn.Module, source: TensorSource | None, names: list[str], dtype: torch.dtype) -> None:
-    from lowbit.model.load import _set_tensor
 
     if source is None:
         return
@@ -89,7 +88,7 @@ def _fill(model: nn.Module, source: TensorSource | None, names: list[str], dtype
         t = source.read(n)
         if t.is_floating_point():
             t = t.to(dtype)
-        if not _set_tensor(model, n, t):
+        if not set_tensor(model, n, t):
             raise LowbitError(f"weights: tensor {n} has no place in the model built from config.json; fix: check the config matches the weights")
 
 
@@ -184,58 +183,96 @@ def check_method(method: str, recipe: Recipe) -> None:
                               f"{', '.join(sorted(kinds))}; fix: pick an int recipe (e.g. w4-g128) or --method rtn")
 
 
+@dataclass
+class Calibrated:
+    """What a calibrated quantization leaves besides the quantized modules (lowbit.Model's fields)."""
+
+    plan: list[ModulePlan]
+    recipe: Recipe  # the recipe with its algorithm set to the method used
+    imatrix: dict[str, torch.Tensor]  # module -> mean x**2 per input channel
+    record: dict  # method, options, data statistics, device, seconds, RTN fallbacks, AWQ ratios
+
+
 def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: CalibData,
                         source: TensorSource | None = None, options: CalibOptions = CalibOptions(),
-                        progress: Progress | None = None, kernels: bool = True) -> list[ModulePlan]:
+                        progress: Progress | None = None, kernels: bool = True) -> Calibrated:
     """Quantize `model` in place, block by block. With `source`, the model is a meta-device skeleton
     and each block's weights are read from it when the block's turn comes. kernels=False leaves the
     kernel choice (lowbit.model.qlinear.prepare_model) to the caller, e.g. after saving, so the
     artifact is written from the stored form without packing and unpacking every weight first."""
     check_method(method, recipe)
     t0 = time.perf_counter()
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float32
-    plans = plan_model(model, recipe)
-    if not any(p.spec is not None for p in plans):
-        raise LowbitError(f"recipe '{recipe.name}': its targets/ignore patterns select no Linear module of this model")
-    by_name = {p.name: p for p in plans}
-    prefix, layers = decoder_layers(model)
-    names = source.names() if source else []
-    block_names = {n for n in names if n.startswith(prefix + ".")}
-    # The loop runs the decoder only: read what it needs now, the head and the rest after the blocks.
-    decoder_prefix = prefix.rpartition(".")[0] + "." if "." in prefix else ""
-    early = [n for n in names if n not in block_names and n.startswith(decoder_prefix)]
-    _fill(model, source, early, dtype)
-    records = {"fallbacks": [], "awq_ratios": {}}
-    imatrix: dict[str, torch.Tensor] = {}
-
-    # 1. inputs of block 0 and the keyword arguments every block gets (masks, rotary tables)
-    store: dict = {}
-    real = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _PassThrough(i, store)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    with torch.no_grad():
-        for s in range(data.ids.shape[0]):
-            base(input_ids=data.ids[s : s + 1], use_cache=False)
-    for i, layer in enumerate(real):
-        layers[i] = layer
-    xs = [x.to(dtype) for x in store["inputs"]]  # samples x (1, seq, hidden), on the CPU
-    if source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
-        _offload(model, early)
-    n_blocks = len(layers)
-    model_type = getattr(model.config, "model_type", "")
-    maps = mappings_for(model_type, method) if method in (*AWQ_SCALES, "smoothquant") else ()
-
-    # plain RTN with weight-only activations needs no statistics: skip both passes
-    forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in plans)
-    for bi in range(n_blocks):
-        layer = layers[bi]
-        bprefix = f"{prefix}.{bi}."
-        _fill(model, source, sorted(n for n in block_names if n.startswith(bprefix)), dtype)
+    loop = _BlockLoop(model, recipe, method, source, options, progress)
+    loop.capture_inputs(data)
+    for bi in range(loop.n_blocks):
+        loop.quantize_block(bi)
+    loop.quantize_outside_blocks()
+    round_kept(model, recipe.keep_dtype)
+    if kernels:
         if progress:
-            progress(f"block {bi}: statistics", bi, n_blocks)
-        kwargs = _to(store["kwargs"][bi], device)
+            progress("kernels", loop.n_blocks, loop.n_blocks)
+        prepare_model(model)
+    record = {"method": method, "options": asdict(options), "data": {"source": data.source, **data.stats},
+              "device": str(loop.device), "seconds": round(time.perf_counter() - t0, 1),
+              "rtn_fallbacks": loop.records["fallbacks"],
+              **({"awq_ratios": loop.records["awq_ratios"]} if loop.records["awq_ratios"] else {})}
+    return Calibrated(loop.plans, replace(recipe, algorithm=method), loop.imatrix, record)
+
+
+class _BlockLoop:
+    """The state shared by the three stages of the loop: capturing block 0's inputs, quantizing each
+    block and re-running it to make the next block's inputs, and quantizing what lies outside the blocks."""
+
+    def __init__(self, model, recipe, method, source, options, progress):
+        self.model, self.method, self.source, self.options, self.progress = model, method, source, options, progress
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float32
+        self.plans = plan_model(model, recipe)
+        if not any(p.spec is not None for p in self.plans):
+            raise LowbitError(f"recipe '{recipe.name}': its targets/ignore patterns select no Linear module of this model")
+        self.by_name = {p.name: p for p in self.plans}
+        self.prefix, self.layers = decoder_layers(model)
+        self.n_blocks = len(self.layers)
+        self.names = source.names() if source else []
+        self.block_names = {n for n in self.names if n.startswith(self.prefix + ".")}
+        # The loop runs the decoder only: read what it needs now, the head and the rest after the blocks.
+        decoder_prefix = self.prefix.rpartition(".")[0] + "." if "." in self.prefix else ""
+        self.early = [n for n in self.names if n not in self.block_names and n.startswith(decoder_prefix)]
+        self.records = {"fallbacks": [], "awq_ratios": {}}
+        self.imatrix: dict[str, torch.Tensor] = {}
+        self.maps = mappings_for(getattr(model.config, "model_type", ""), method) if method in (*AWQ_SCALES, "smoothquant") else ()
+        # plain RTN with weight-only activations needs no statistics: skip both passes
+        self.forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in self.plans)
+
+    def capture_inputs(self, data: CalibData) -> None:
+        """Block 0's inputs and the keyword arguments every block gets (masks, rotary tables), by
+        running the model with each block replaced by a pass-through."""
+        model, layers = self.model, self.layers
+        _fill(model, self.source, self.early, self.dtype)
+        store: dict = {}
+        real = list(layers)
+        for i in range(len(layers)):
+            layers[i] = _PassThrough(i, store)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        with torch.no_grad():
+            for s in range(data.ids.shape[0]):
+                base(input_ids=data.ids[s : s + 1], use_cache=False)
+        for i, layer in enumerate(real):
+            layers[i] = layer
+        self.xs = [x.to(self.dtype) for x in store["inputs"]]  # samples x (1, seq, hidden), on the CPU
+        self.block_kwargs = store["kwargs"]
+        if self.source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
+            _offload(model, self.early)
+
+    def quantize_block(self, bi: int) -> None:
+        """Statistics, scale folding and quantization of block bi, then its quantized outputs as the next inputs."""
+        layer, device, options, method, progress = self.layers[bi], self.device, self.options, self.method, self.progress
+        by_name, xs, forward = self.by_name, self.xs, self.forward
+        bprefix = f"{self.prefix}.{bi}."
+        _fill(self.model, self.source, sorted(n for n in self.block_names if n.startswith(bprefix)), self.dtype)
+        if progress:
+            progress(f"block {bi}: statistics", bi, self.n_blocks)
+        kwargs = _to(self.block_kwargs[bi], device)
         layer.to(device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)
                    and by_name.get(bprefix + n) is not None and by_name[bprefix + n].spec is not None}
@@ -244,17 +281,17 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
         keep = max(1, options.awq_tokens // len(xs)) if method in AWQ_SCALES else 0
         stats = _collect(layer, linears, xs if forward else [], kwargs, device, method in GPTQ_ROUNDING, keep)
         with torch.no_grad():
-            if maps:
-                _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options, records)
+            if self.maps:
+                _fold_scales(layer, self.maps, linears, stats, by_name, bprefix, method, options, self.records)
             qlins = {}
             for n, m in linears.items():
                 if progress:
-                    progress(f"block {bi}: {n}", bi, n_blocks)
+                    progress(f"block {bi}: {n}", bi, self.n_blocks)
                 spec = by_name[bprefix + n].spec
                 last = not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:])
-                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, records, consume=last)
+                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, self.records, consume=last)
                 if forward:
-                    imatrix[bprefix + n] = stats[n].importance().cpu()
+                    self.imatrix[bprefix + n] = stats[n].importance().cpu()
                 if last:
                     stats[n].H, stats[n].factors = None, {}  # last reader of this Hessian: free it before the next, wider one
                     release_memory()
@@ -265,46 +302,36 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
             for n, q in qlins.items():
                 set_submodule(layer, n, q.to(device) if q.spec.activation != "none" else _dequantized_linear(q, device))
             for j, x in enumerate(xs if forward else []):
-                xs[j] = _block_out(layer(x.to(device), **kwargs)).to("cpu", dtype)
+                xs[j] = _block_out(layer(x.to(device), **kwargs)).to("cpu", self.dtype)
             for n, q in qlins.items():
                 set_submodule(layer, n, q)
         layer.to("cpu")
         release_memory()
 
-    # 2. the rest (the head, the final norm, the embedding again); whatever is planned outside the
-    # blocks (the head, if not ignored) is rounded to nearest, one tensor read at a time
-    if progress:
-        progress("the head", n_blocks, n_blocks)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    rest = [n for n in names if n not in block_names and (n not in early or tied)]
-    _fill(model, source, rest, dtype)
-    if tied:
-        model.tie_weights()
-    for p in plans:
-        if p.spec is not None and not p.name.startswith(prefix + "."):
-            lin = model.get_submodule(p.name)
-            check_finite(p.name, lin.weight.detach())
-            set_submodule(model, p.name, _rows_in_chunks(lin, p.spec))
-            del lin  # the float head: gone before the embedding is read back
-            if getattr(model.config, "tie_word_embeddings", False):
-                share_embedding(model)  # a per-row head serves the embedding lookups, as quantize_model does
-                model.config.tie_word_embeddings = False
-    if progress:
-        progress("the embedding", n_blocks, n_blocks)
-    _fill(model, source, [n for n in early if n not in rest], dtype)  # the embedding, after the head's peak
-    round_kept(model, recipe.keep_dtype)
-    if kernels:
+    def quantize_outside_blocks(self) -> None:
+        """The head (if planned), the final norm and the embedding again: whatever is planned outside
+        the blocks is rounded to nearest, one tensor read at a time, the float head freed before the
+        embedding is read back."""
+        model, progress, n_blocks = self.model, self.progress, self.n_blocks
         if progress:
-            progress("kernels", n_blocks, n_blocks)
-        prepare_model(model)
-    model.lowbit_plan = plans
-    model.lowbit_recipe = replace(recipe, algorithm=method)
-    model.lowbit_imatrix = imatrix
-    model.lowbit_calibration = {"method": method, "options": asdict(options), "data": {"source": data.source, **data.stats},
-                                "device": str(device), "seconds": round(time.perf_counter() - t0, 1),
-                                "rtn_fallbacks": records["fallbacks"],
-                                **({"awq_ratios": records["awq_ratios"]} if records["awq_ratios"] else {})}
-    return plans
+            progress("the head", n_blocks, n_blocks)
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        rest = [n for n in self.names if n not in self.block_names and (n not in self.early or tied)]
+        _fill(model, self.source, rest, self.dtype)
+        if tied:
+            model.tie_weights()
+        for p in self.plans:
+            if p.spec is not None and not p.name.startswith(self.prefix + "."):
+                lin = model.get_submodule(p.name)
+                check_finite(p.name, lin.weight.detach())
+                set_submodule(model, p.name, _rows_in_chunks(lin, p.spec))
+                del lin  # the float head: gone before the embedding is read back
+                if getattr(model.config, "tie_word_embeddings", False):
+                    share_embedding(model)  # a per-row head serves the embedding lookups, as quantize_model does
+                    model.config.tie_word_embeddings = False
+        if progress:
+            progress("the embedding", n_blocks, n_blocks)
+        _fill(model, self.source, [n for n in self.early if n not in rest], self.dtype)  # after the head's peak
 
 
 class _AllSeen(Exception):
@@ -362,13 +389,12 @@ def _collect(layer, linears, xs, kwargs, device, hessian: bool, keep: int) -> di
 
 def _offload(model: nn.Module, names: list[str]) -> None:
     """Put float tensors read from the checkpoint back on the meta device (they are read again later)."""
-    from lowbit.model.load import _set_tensor
 
     params = dict(model.named_parameters())
     for n in names:
         t = params.get(n)
         if t is not None and t.is_floating_point() and t.numel() >= OFFLOAD_MIN:
-            _set_tensor(model, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+            set_tensor(model, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
 def _rows_in_chunks(lin: nn.Linear, spec: QuantSpec, rows: int = 8192) -> QLinear:

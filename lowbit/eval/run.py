@@ -1,4 +1,4 @@
-"""Orchestration of eval / gate runs: load both models, compare them, build the run dict."""
+"""One evaluation: compare a candidate with its baseline on identical tokens and build the run dict."""
 
 from __future__ import annotations
 
@@ -8,20 +8,22 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit import __version__
 from lowbit.data.corpora import wikipedia_articles
 from lowbit.errors import LowbitError
-from lowbit.bench.latency import weight_bytes
 from lowbit.eval import divergence
 from lowbit.eval.suites import text as text_suites
-from lowbit.model.load import Loaded, load_model
+from lowbit.model.handle import Model
+from lowbit.model.load import load_model
+from lowbit.version import __version__
 
 SUITES = ("general", "jargon", "long_context", "json")  # plus "user:<file>"
 Say = Callable[[str], None]
 
 
 @dataclass
-class EvalOptions:
+class EvalConfig:
+    """Which suites and how many samples; None means the default (smaller with quick)."""
+
     suites: tuple[str, ...] = SUITES
     user_files: tuple[str, ...] = ()
     quick: bool = False
@@ -41,14 +43,11 @@ class EvalOptions:
         return self.seq_len or (128 if self.quick else 256)
 
 
-def identity(loaded: Loaded) -> dict:
-    recipe = getattr(loaded.model, "lowbit_recipe", None)
-    src = loaded.source or {}
-    # an artifact is named by its folder (its source dict names the float model it came from)
-    name = loaded.folder.name if loaded.meta else src.get("name", str(loaded.folder))
-    return {"name": name, "kind": "lowbit" if loaded.meta else src.get("kind", "?"),
-            "path": str(loaded.folder), "sha256": src.get("sha256"), "weight_bytes": weight_bytes(loaded.model),
-            "recipe": recipe.name if recipe is not None else None}
+def identity(model: Model) -> dict:
+    src = model.source or {}
+    return {"name": model.name, "kind": "lowbit" if model.meta else src.get("kind", "?"),
+            "path": str(model.folder), "sha256": src.get("sha256"), "weight_bytes": model.weight_bytes,
+            "recipe": model.recipe.name if model.recipe is not None else None}
 
 
 def check_user_files(paths: tuple[str, ...]) -> None:
@@ -59,29 +58,33 @@ def check_user_files(paths: tuple[str, ...]) -> None:
         user.load_items(path)
 
 
-def load_pair(baseline: str, candidate: str, say: Say) -> tuple[Loaded, Loaded]:
-    say(f"loading baseline {baseline}")
-    base = load_model(baseline, progress=say)
-    say(f"loading candidate {candidate}")
-    cand = load_model(candidate, progress=say)
-    divergence.check_same_tokenizer(base.tokenizer, cand.tokenizer, baseline, candidate)
+def load_pair(baseline: str | Model, candidate: str | Model, say: Say) -> tuple[Model, Model]:
+    """Both models (paths are loaded; handles pass through), refused unless their tokenizers match."""
+    def get(which: str, m):
+        if isinstance(m, Model):
+            m.need_tokenizer(f"evaluate: the {which}")
+            return m
+        say(f"loading {which} {m}")
+        return load_model(m, progress=say)
+
+    base, cand = get("baseline", baseline), get("candidate", candidate)
+    label = lambda given, m: m.name if isinstance(given, Model) else str(given)  # noqa: E731
+    divergence.check_same_tokenizer(base.tokenizer, cand.tokenizer, label(baseline, base), label(candidate, cand))
     return base, cand
 
 
-def evaluate(base: Loaded, cand: Loaded, opts: EvalOptions, say: Say = lambda s: None) -> dict:
-    from lowbit.runtime.kvcache import attach, kv_of
-
+def evaluate(base: Model, cand: Model, opts: EvalConfig, say: Say = lambda s: None) -> dict:
     if opts.kv_cache is not None:  # before anything runs: every pass of the candidate reads this cache
-        attach(cand.model, opts.kv_cache)
+        cand.kv_cache = opts.kv_cache
     t0 = time.perf_counter()
     run: dict = {"kind": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "lowbit_version": __version__, "quick": opts.quick,
-                 "baseline": identity(base), "candidate": {**identity(cand), "kv_cache": kv_of(cand.model)}, "suites": []}
+                 "baseline": identity(base), "candidate": {**identity(cand), "kv_cache": cand.kv_cache}, "suites": []}
     texts = [(title, body) for title, body in wikipedia_articles()]
     samples = divergence.make_samples(base.tokenizer, texts, opts.n_seq, opts.n_samples)
     say(f"divergence: {len(samples)} Wikipedia samples x {opts.n_seq} tokens")
     with torch.no_grad():
-        run["divergence"] = divergence.compare(base.model, cand.model, samples, base.source.get("sha256"), opts.worst)
+        run["divergence"] = divergence.compare(base.module, cand.module, samples, base.source.get("sha256"), opts.worst)
     for name in opts.suites:
         say(f"suite: {name}")
         result = text_suites.general(run["divergence"]) if name == "general" else run_suite(name, base, cand, opts)
@@ -95,7 +98,7 @@ def evaluate(base: Loaded, cand: Loaded, opts: EvalOptions, say: Say = lambda s:
     return run
 
 
-def run_suite(name: str, base: Loaded, cand: Loaded, opts: EvalOptions):
+def run_suite(name: str, base: Model, cand: Model, opts: EvalConfig):
     if name == "jargon":
         return text_suites.jargon(base, cand, quick=opts.quick)
     if name == "long_context":

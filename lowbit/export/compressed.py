@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import affine
+from lowbit.formats.affine import torch_dtype
 from lowbit.formats.qtensor import zero_of
+from lowbit.model.artifact import move_into_place, prepare_out_dir, temp_beside
+from lowbit.model.handle import Model
+from lowbit.model.qlinear import QEmbedding, QLinear
+from lowbit.model.quantize import set_submodule
 
 
 @dataclass
@@ -119,20 +123,15 @@ def _qparams(qlin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str
     return w, t["scale"], zp, ""
 
 
-def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool = False, progress=None) -> CTExport:
-    """Write model (a lowbit-quantized model) as a compressed-tensors checkpoint folder."""
+def write_compressed(handle: Model, out: str | Path, force: bool = False, progress=None) -> CTExport:
+    """Write a lowbit-quantized model as a compressed-tensors checkpoint folder."""
     _ct()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.lifecycle import initialize_module_for_quantization
 
-    from lowbit.export.native import move_into_place, prepare_out_dir
-    from lowbit.formats.affine import torch_dtype
-    from lowbit.model.qlinear import QLinear
-    from lowbit.model.quantize import set_submodule
-
     out = Path(out)
-    recipe = getattr(model, "lowbit_recipe", None)
+    model, tokenizer, recipe = handle.module, handle.tokenizer, handle.recipe
     qmods = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
     if not qmods:
         raise LowbitError("compressed-tensors export: the model has no lowbit-quantized linear module; "
@@ -147,7 +146,6 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
     prepare_out_dir(out, force)
     model = copy.deepcopy(model)  # modules are swapped and compressed in place; the caller's model stays as it is
     keep = torch_dtype(recipe.keep_dtype if recipe else "float16")
-    from lowbit.model.qlinear import QEmbedding
 
     emb = model.get_input_embeddings()
     if isinstance(emb, QEmbedding):
@@ -200,7 +198,7 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
                     p.data = p.data.to(keep)
     for n, _ in qmods:
         res.formats[n] = str(getattr(model.get_submodule(n).quantization_scheme, "format", "") or "")
-    tmp = out.resolve().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_beside(out)
     try:
         config = model.config
         config.dtype = keep
@@ -217,73 +215,3 @@ def write_compressed(model: nn.Module, tokenizer, out: str | Path, force: bool =
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return res
-
-
-# -- import ---------------------------------------------------------------------------------------
-def _matches(target: str, name: str, module: nn.Module) -> bool:
-    import re
-
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target == name or target == type(module).__name__
-
-
-def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """A compressed-tensors checkpoint as a float model (each quantized weight decompressed by the
-    compressed-tensors library), for lowbit's evaluation harness. Works for asymmetric
-    pack-quantized checkpoints too, which transformers 5.24 with compressed-tensors 0.20 cannot load."""
-    _ct()
-    from accelerate import init_empty_weights
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lowbit.model import sources
-    from lowbit.model.load import Loaded, _finish, _set_tensor, load_tokenizer
-
-    folder = Path(folder)
-    files = sources.check_hf_folder(folder)
-    cfg_file = folder / "config.json"
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-        qconfig = QuantizationConfig.model_validate(config.quantization_config)
-    except Exception as e:
-        raise LowbitError(f"config file {cfg_file}: field 'quantization_config' is not a valid compressed-tensors config "
-                          f"({type(e).__name__}: {e}); fix: re-export the checkpoint") from None
-    del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    targets = [(t, sch) for sch in qconfig.config_groups.values() for t in sch.targets]
-    plan = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or any(_matches(i, name, mod) for i in qconfig.ignore or []):
-            continue
-        hit = next((sch for t, sch in targets if _matches(t, name, mod)), None)
-        if hit is not None and hit.weights is not None:
-            plan[name] = hit
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                owner, _, attr = key.rpartition(".")
-                t = f.get_tensor(key)
-                if owner in plan and attr != "bias":  # scales in float32: decompression computes in their dtype
-                    tensors.setdefault(owner, {})[attr] = t.float() if attr.endswith("_scale") else t
-                else:
-                    _set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
-    for name, sch in plan.items():
-        sd = tensors.get(name)
-        if not sd:
-            raise LowbitError(f"weights in {folder}: the quantized tensors of module {name} are missing; "
-                              f"the checkpoint is incomplete; fix: export it again")
-        fmt = getattr(sch.format or qconfig.format, "value", sch.format or qconfig.format)
-        try:
-            w = BaseCompressor.get_value_from_registry(str(fmt)).decompress(sd, sch)["weight"]
-        except Exception as e:
-            raise LowbitError(f"weights in {folder}: module {name} could not be decompressed as '{fmt}' "
-                              f"({type(e).__name__}: {e}); the checkpoint is damaged or of an unsupported format") from None
-        _set_tensor(model, name + ".weight", w.to(dtype))
-    source = {"name": folder.name, "kind": "compressed-tensors", "path": str(folder), "sha256": sources.sha256_memo(files)}
-    return Loaded(_finish(model, folder), load_tokenizer(folder), source, folder)

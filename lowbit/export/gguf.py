@@ -31,6 +31,14 @@ Everything lowbit kept in high precision (embeddings, norms, an ignored lm_head)
 The tokenizer (vocabulary, merges, special ids, chat template) is copied from the source GGUF when
 the model came from one, otherwise built from the Hugging Face tokenizer files with gguf-py's vocab
 helpers. The file is written under a temporary name and renamed into place.
+
+This module plans and writes the file; the parts live beside it:
+    lowbit.formats.ggml    Q8_0/Q4_0/Q4_1 block layouts, packing and ggml's reference quantizers
+    gguf_types.py          --type names, scheme -> GGUF type (exact or nearest), a weight encoded as a type
+    gguf_tensors.py        the tensors a model holds, their llama.cpp names and rotary row order
+    gguf_vocab.py          the tokenizer key/values
+The names other code imports from here (write_gguf, GGUFExport, normalize_type, nearest_type,
+SUPPORTED_ARCHS, source_gguf, imatrix_by_gguf_name, ...) are re-exported below.
 """
 
 from __future__ import annotations
@@ -46,18 +54,24 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.export.gguf_tensors import SUPPORTED_ARCHS, check_arch, imatrix_by_gguf_name, maybe_permute, model_weights
+from lowbit.export.gguf_types import (ALIASES, ALL_TYPES, LLAMA_CPP_TYPES, PY_TYPES, exact_blocks, nearest_type,
+                                      normalize_type, quantize_as)
+from lowbit.export.gguf_vocab import add_tokenizer_kvs, source_gguf
+from lowbit.formats.ggml import (BLOCK, pack_q4_0, pack_q4_1, pack_q8_0, quantize_q4_0, quantize_q4_1,
+                                 quantize_q8_0)
 
-# gguf-py can write these itself; K-quants and IQ types go through llama.cpp.
-PY_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
-LLAMA_CPP_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_NL")
-ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-ALL_TYPES = ("auto", *PY_TYPES, *LLAMA_CPP_TYPES)
-BLOCK = 32  # legacy GGUF block length along a row
-SUPPORTED_ARCHS = ("LlamaForCausalLM",)
+# the names this module has always offered, wherever they are defined now
+__all__ = [
+    "ALIASES", "ALL_TYPES", "BLOCK", "GGUFExport", "LLAMA_CPP_TYPES", "PY_TYPES", "SUPPORTED_ARCHS", "exact_blocks",
+    "imatrix_by_gguf_name", "nearest_type", "normalize_type", "pack_q4_0", "pack_q4_1", "pack_q8_0", "quantize_as",
+    "quantize_q4_0", "quantize_q4_1", "quantize_q8_0", "source_gguf", "write_gguf",
+]
 
 
 @dataclass
 class GGUFExport:
+    """What write_gguf wrote: the file, the type asked for, each tensor's type, and notes for the user."""
     path: Path
     gguf_type: str
     tensor_types: dict[str, str]  # GGUF tensor name -> GGML type name
@@ -68,199 +82,6 @@ class GGUFExport:
     @property
     def size(self) -> int:
         return self.path.stat().st_size
-
-
-def normalize_type(gguf_type: str) -> str:
-    t = ALIASES.get(gguf_type.upper(), gguf_type.upper())
-    if t == "AUTO":
-        return "auto"
-    if t not in ALL_TYPES:
-        raise LowbitError(f"--type '{gguf_type}': not a GGUF type lowbit writes; use one of {', '.join(ALL_TYPES)} "
-                          f"(Q4_K and Q5_K mean Q4_K_M and Q5_K_M)")
-    return t
-
-
-# -- ggml's reference quantizers for the legacy blocks, in torch (byte-identical to gguf-py) --------
-def _blocks(w: torch.Tensor) -> torch.Tensor:
-    rows, cols = w.shape
-    if cols % BLOCK:
-        raise LowbitError(f"GGUF export: row length {cols} is not a multiple of {BLOCK}; legacy GGUF blocks need it")
-    return w.float().reshape(rows, cols // BLOCK, BLOCK)
-
-
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C roundf: halves away from zero (torch.round rounds halves to even)."""
-    a = x.abs()
-    f = torch.floor(a)
-    return torch.sign(x) * (f + torch.floor(2 * (a - f)))
-
-
-def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape[:-1], 2 * x.shape[-1])
-
-
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(…, 32) codes 0..15 -> (…, 16) bytes: byte j holds code j (low) and code j+16 (high)."""
-    q = q.to(torch.uint8)
-    return q[..., :16] | (q[..., 16:] << 4)
-
-
-def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """codes (rows, cols) int8 and scales (rows, cols/32) -> (rows, cols/32*34) uint8 Q8_0 blocks."""
-    rows = q.shape[0]
-    qb = q.to(torch.int8).reshape(rows, -1, BLOCK).view(torch.uint8)
-    return torch.cat([_fp16_bytes(d.reshape(rows, -1, 1)), qb], dim=-1).reshape(rows, -1)
-
-
-def pack_q4_0(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """codes (rows, cols) 0..15 (value = d * (code - 8)) -> Q4_0 blocks of 18 bytes."""
-    rows = q.shape[0]
-    return torch.cat([_fp16_bytes(d.reshape(rows, -1, 1)), _nibbles(q.reshape(rows, -1, BLOCK))], dim=-1).reshape(rows, -1)
-
-
-def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """codes (rows, cols) 0..15 (value = d * code + m) -> Q4_1 blocks of 20 bytes."""
-    rows = q.shape[0]
-    return torch.cat([_fp16_bytes(d.reshape(rows, -1, 1)), _fp16_bytes(m.reshape(rows, -1, 1)),
-                      _nibbles(q.reshape(rows, -1, BLOCK))], dim=-1).reshape(rows, -1)
-
-
-def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
-    b = _blocks(w)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    return pack_q8_0(_roundf(b * inv).reshape(w.shape), d)
-
-
-def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
-    b = _blocks(w)
-    mx = torch.gather(b, -1, b.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
-    d = mx / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(b * inv + 8.5).clamp(0, 15)
-    return pack_q4_0(q.reshape(w.shape), d)
-
-
-def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
-    b = _blocks(w)
-    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
-    d = (hi - lo) / 15
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc((b - lo) * inv + 0.5).clamp(0, 15)
-    return pack_q4_1(q.reshape(w.shape), d, lo)
-
-
-_TORCH_QUANT = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1}
-
-
-def quantize_as(w: torch.Tensor, type_name: str) -> tuple[np.ndarray, object]:
-    """A float weight as a GGUF tensor of type_name: (numpy array for GGUFWriter.add_tensor, raw dtype)."""
-    from gguf import GGMLQuantizationType, quants
-
-    if type_name == "F32":
-        return w.float().contiguous().numpy(), None
-    if type_name == "F16":
-        return w.to(torch.float16).contiguous().numpy(), None
-    qt = GGMLQuantizationType[type_name]
-    if type_name in _TORCH_QUANT:
-        return _TORCH_QUANT[type_name](w).numpy(), qt
-    return quants.quantize(w.float().contiguous().numpy(), qt), qt
-
-
-# -- lowbit scheme -> GGUF type -------------------------------------------------------------------
-def exact_blocks(qlin) -> tuple[str, torch.Tensor] | None:
-    """(type, blocks) when the QLinear's storage is a GGUF type bit for bit, else None."""
-    from lowbit.formats.qtensor import int_codes
-
-    s = qlin.spec
-    if (s.kind != "int" or s.granularity != "group" or s.group_size != BLOCK or s.scale_dtype != "float16"
-            or "perm" in qlin._names or qlin.in_features % BLOCK):
-        return None
-    qt = qlin.qtensor()
-    if s.bits == 8 and s.symmetric:
-        return "Q8_0", pack_q8_0(int_codes(qt), qt.tensors["scale"])
-    if s.bits == 4 and s.symmetric:
-        return "Q4_0", pack_q4_0(int_codes(qt) + 8, qt.tensors["scale"])
-    if s.bits == 4 and s.zero_domain == "float":
-        return "Q4_1", pack_q4_1(int_codes(qt), qt.tensors["scale"], qt.tensors["offset"])
-    return None
-
-
-def nearest_type(spec, module: str) -> str:
-    """The GGUF type --type auto requantizes a scheme to, or a LowbitError naming the nearest choices."""
-    if spec.kind == "nf4":
-        raise LowbitError(
-            f"module {module}: scheme '{spec.label}' (NF4, a non-uniform 4-bit codebook) has no GGUF equivalent; "
-            f"fix: pass --type with one of the nearest types to requantize from the dequantized weights: "
-            f"Q4_K_M, Q4_1, Q4_0 or IQ4_NL (llama.cpp's non-uniform 4-bit type)")
-    if spec.kind.startswith("fp8"):
-        raise LowbitError(
-            f"module {module}: scheme '{spec.label}' (FP8) has no GGUF equivalent; fix: pass --type with one of the "
-            f"nearest types: Q8_0, F16 or BF16; or export it with --format compressed-tensors, which holds FP8")
-    if spec.bits in (2, 3):
-        raise LowbitError(
-            f"module {module}: scheme '{spec.label}' ({spec.bits}-bit int) has no GGUF type gguf-py can write; "
-            f"fix: pass --type with one of the nearest types: {'Q3_K_M or Q2_K' if spec.bits == 3 else 'Q2_K or Q3_K_M'} "
-            f"(quantized by llama.cpp), or Q4_0")
-    if spec.bits == 4:
-        return "Q4_0" if spec.symmetric else "Q4_1"
-    if spec.bits == 5:
-        return "Q5_0" if spec.symmetric else "Q5_1"
-    return "Q8_0"
-
-
-# -- model walking --------------------------------------------------------------------------------
-def _arch_check(model: nn.Module) -> None:
-    archs = list(getattr(model.config, "architectures", None) or [type(model).__name__])
-    if not any(a in SUPPORTED_ARCHS for a in archs):
-        raise LowbitError(
-            f"GGUF export: architecture {archs[0]} is not supported (lowbit writes the llama.cpp 'llama' layout for "
-            f"{', '.join(SUPPORTED_ARCHS)}); fix: export it with --format compressed-tensors or lowbit's native format")
-
-
-def _permute_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF rotary (half-split) order -> llama.cpp's (interleaved) order, on the output rows."""
-    rows = x.shape[0]
-    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
-
-
-def _weights(model: nn.Module):
-    """(hf name, tensor or QLinear) for every tensor the GGUF holds; tied copies once."""
-    from lowbit.model.qlinear import QLinear
-
-    from lowbit.model.qlinear import QEmbedding
-
-    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    emb = model.get_input_embeddings()
-    if isinstance(emb, QEmbedding):
-        # the embedding table is the quantized head's rows: GGUF holds it once as token_embd, and
-        # llama.cpp reads the output head from token_embd when output.weight is absent
-        emb_name = next(n for n, m in model.named_modules() if m is emb)
-        yield emb_name + ".weight", emb.head
-        head_owner = next(n for n, m in qmods.items() if m is emb.head)
-        qmods = {n: m for n, m in qmods.items() if m is not emb.head}
-        tied = True
-    else:
-        head_owner = None
-    seen = set()
-    for name, t in model.state_dict().items():
-        owner, _, attr = name.rpartition(".")
-        if owner == head_owner:
-            continue
-        if owner in qmods:
-            if attr == "qdata":
-                yield owner + ".weight", qmods[owner]
-            elif attr == "bias":
-                yield name, t
-            continue
-        if tied and name == "lm_head.weight":
-            continue
-        key = (t.data_ptr(), tuple(t.shape))
-        if key in seen or not t.is_floating_point():
-            continue
-        seen.add(key)
-        yield name, t
 
 
 def _hparams(writer, config, file_type: int) -> None:
@@ -281,55 +102,6 @@ def _hparams(writer, config, file_type: int) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(file_type)
     writer.add_quantization_version(2)
-
-
-def source_gguf(source: dict | None) -> Path | None:
-    """The GGUF file a model came from (bundled or .gguf source), if it still exists."""
-    from lowbit.model import sources
-
-    if not source:
-        return None
-    try:
-        if source.get("kind") == "bundled":
-            return sources.gguf_path(sources.resolve(source["name"]))
-        if source.get("kind") == "gguf" and Path(source["path"]).is_file():
-            return Path(source["path"])
-    except LowbitError:
-        return None
-    return None
-
-
-def _tokenizer_kvs(writer, gguf_src: Path | None, folder: Path | None, n_vocab: int, notes: list[str]) -> None:
-    import gguf
-
-    if gguf_src is not None:
-        reader = gguf.GGUFReader(str(gguf_src))
-        for key, f in reader.fields.items():
-            if not key.startswith("tokenizer."):
-                continue
-            vtype = f.types[0]
-            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, f.contents(), vtype, sub)
-        notes.append(f"tokenizer and chat template copied from {gguf_src.name}")
-        return
-    if folder is None or not (folder / "tokenizer.json").is_file():
-        raise LowbitError(f"GGUF export: no tokenizer.json in {folder} and no source GGUF to copy the vocabulary from; "
-                          f"fix: save the tokenizer files into the artifact folder")
-    vocab = gguf.vocab.BpeVocab(folder)
-    tokens, types = [], []
-    for text, _score, ttype in vocab.all_tokens():
-        tokens.append(text)
-        types.append(ttype)
-    for i in range(len(tokens), n_vocab):  # embedding rows beyond the tokenizer (padding), as llama.cpp's converter does
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    notes.append("tokenizer built from tokenizer.json with pre-tokenizer 'default' (llama.cpp may split text "
-                  "slightly differently from transformers for some scripts)")
 
 
 def _atomic_target(out: Path) -> Path:
@@ -353,7 +125,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
 
     gguf_type = normalize_type(gguf_type)
     out = Path(out)
-    _arch_check(model)
+    check_arch(model)
     if gguf_type in LLAMA_CPP_TYPES:
         return _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress)
     config = model.config
@@ -363,7 +135,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
     plan = []
     float_model = not any(isinstance(m, QLinear) for m in model.modules())
     linear_weights = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for hf_name, t in _weights(model):
+    for hf_name, t in model_weights(model):
         g_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if g_name is None:
             raise LowbitError(f"GGUF export: tensor {hf_name} has no llama.cpp name; this model layout is not supported")
@@ -387,14 +159,14 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
     try:
         writer.add_name(name or (source or {}).get("name", "lowbit export"))
         _hparams(writer, config, int(file_type))
-        _tokenizer_kvs(writer, source_gguf(source), folder, config.vocab_size, notes)
+        add_tokenizer_kvs(writer, source_gguf(source), folder, config.vocab_size, notes)
         requant_from: dict[str, list[str]] = {}
         for i, (hf_name, g_name, t, (how, what)) in enumerate(plan):
             if progress:
                 progress(g_name, i, len(plan))
             if how == "exact":
                 type_name, blocks = what
-                arr = _maybe_permute(blocks, hf_name, config).numpy()
+                arr = maybe_permute(blocks, hf_name, config).numpy()
                 raw = GGMLQuantizationType[type_name]
                 result.exact += 1
             else:
@@ -403,7 +175,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
                     requant_from.setdefault(f"{t.spec.label} -> {what}", []).append(hf_name)
                     result.requantized += 1
                 type_name = what
-                arr, raw = quantize_as(_maybe_permute(w, hf_name, config), type_name)
+                arr, raw = quantize_as(maybe_permute(w, hf_name, config), type_name)
             writer.add_tensor(g_name, np.ascontiguousarray(arr), raw_dtype=raw)
             result.tensor_types[g_name] = type_name
         for what, mods in requant_from.items():
@@ -418,29 +190,6 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
         if tmp.exists():
             tmp.unlink()
     return result
-
-
-def _maybe_permute(x: torch.Tensor, hf_name: str, config) -> torch.Tensor:
-    if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
-        return _permute_rows(x, config.num_attention_heads)
-    if hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
-        return _permute_rows(x, config.num_key_value_heads)
-    return x
-
-
-def imatrix_by_gguf_name(imatrix: dict[str, torch.Tensor] | None, n_blocks: int) -> dict[str, np.ndarray]:
-    """lowbit's importance matrix (module name -> mean x**2 per input channel) keyed by GGUF tensor name."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
-
-    if not imatrix:
-        return {}
-    names = get_tensor_name_map(MODEL_ARCH.LLAMA, n_blocks)
-    out = {}
-    for module, v in imatrix.items():
-        g = names.get_name(module + ".weight", try_suffixes=(".weight",))
-        if g is not None:
-            out[g] = v.float().numpy().astype(np.float32)
-    return out
 
 
 def _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress) -> GGUFExport:

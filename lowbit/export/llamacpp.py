@@ -107,12 +107,12 @@ def baseline_gguf(model: str = "smollm2-135m") -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         src = source_gguf(loaded.source)
-        if type(loaded.model).__name__ not in SUPPORTED_ARCHS and src is not None:
+        if type(loaded.module).__name__ not in SUPPORTED_ARCHS and src is not None:
             # an architecture lowbit's writer does not cover (Gemma 3): llama.cpp dequantizes the source
             # GGUF itself; lowbit's baseline is the same blocks dequantized, so it is the same model
             quantize(src, path, "F32", allow_requantize=True)
         else:
-            write_gguf(loaded.model, path, "F32", loaded.source, loaded.folder)
+            write_gguf(loaded.module, path, "F32", loaded.source, loaded.folder)
     return path
 
 

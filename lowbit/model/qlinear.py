@@ -328,5 +328,4 @@ def share_embedding(model: nn.Module) -> bool:
     if not isinstance(head, QLinear) or not QEmbedding.supports(head.spec):
         return False
     model.set_input_embeddings(QEmbedding.replacing(model.get_input_embeddings(), head))
-    model.lowbit_embedding = "lm_head"
     return True

@@ -137,11 +137,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, progress: Progress | None =
     round_kept(model, recipe.keep_dtype)
     prepare_model(model)
     if recipe.kv_cache != "none":
-        from lowbit.runtime.kvcache import attach
+        from lowbit.model.kvcache import attach  # transformers' cache classes: imported only when used
 
         attach(model, recipe.kv_cache)
-    model.lowbit_plan = plans
-    model.lowbit_recipe = recipe
     return plans
 
 

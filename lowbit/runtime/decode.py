@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.model.qlinear import fused
-from lowbit.runtime.kvcache import check_kind, dequantize_kv, quantize_kv
+from lowbit.model.kvcache import check_kind, dequantize_kv, quantize_kv
 
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
 GEMMA3 = ("gemma3_text",)
@@ -108,7 +108,7 @@ class LeanDecoder:
         self.length = 0
         self.key_mask: torch.Tensor | None = None  # (batch, max_len) bool, with left padding
         # batch-1 steps of a Llama-layout model run as one native call (lowbit/native), when it can
-        from lowbit.native.decoder import NativeStep
+        from lowbit.runtime.native_step import NativeStep
 
         self.native, self.native_why = NativeStep.build(self)
 

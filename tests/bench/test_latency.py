@@ -10,6 +10,7 @@ import lowbit
 from lowbit.bench import latency
 from lowbit.bench.latency import BenchConfig, bench_pair, peak_rss_subprocess
 from lowbit.errors import LowbitError
+from lowbit.model.handle import weight_bytes
 from lowbit.model.load import load_model
 
 TEXT = ("Anarchism is a political philosophy and movement that is sceptical of all justifications for authority "
@@ -31,7 +32,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pair(tiny_dir):
     baseline, candidate = load_model(tiny_dir), load_model(tiny_dir)
-    lowbit.quantize(candidate.model, "int8")
+    lowbit.quantize(candidate, "int8")
     return baseline, candidate
 
 
@@ -104,7 +105,7 @@ def test_alternating_order_same_prompts_and_warmup_excluded(pair, monkeypatch):
     progress = []
     res = bench_pair(*pair, TEXT, BenchConfig(**{**SMALL, "requests": 4}), progress=lambda *a: progress.append(a),
                      measure_rss=False)
-    base, cand = pair[0].model, pair[1].model
+    base, cand = pair[0].module, pair[1].module
     assert len(calls) == 2 * (1 + 4)  # warm-up runs happen, for both models
     assert len(res["baseline"]["latencies_ms"]) == 4  # ... but are not recorded
     firsts = [calls[i][0] for i in range(0, len(calls), 2)]
@@ -141,7 +142,7 @@ def test_measure_rss_false_skips_the_subprocess(pair, monkeypatch):
 
 
 def test_rss_target_of_an_artifact_is_its_folder(pair, tmp_path):
-    art = lowbit.save(pair[1].model, tmp_path / "art")
+    art = lowbit.save(pair[1], tmp_path / "art")
     assert latency.rss_target(load_model(art)) == (str(art), None)
 
 
@@ -168,17 +169,17 @@ def test_left_pad():
 
 def test_first_token_clock_and_exact_token_count(pair):
     baseline = pair[0]
-    out = latency.timed_request(baseline.model, [list(range(60, 70))], 5, latency.pad_id(baseline.tokenizer))
+    out = latency.timed_request(baseline.module, [list(range(60, 70))], 5, latency.pad_id(baseline.tokenizer))
     assert out["new_tokens"] == 5 and out["sequences"] == 1 and out["prompt_tokens"] == 10
     assert 0 < out["ttft_s"] <= out["total_s"]
 
 
 def test_weight_bytes_counts_tied_weights_once(pair):
-    model = pair[0].model
+    model = pair[0].module
     assert model.lm_head.weight is model.model.embed_tokens.weight
     expected = (sum(p.numel() * 4 for p in model.parameters())
                 + sum(b.numel() * b.element_size() for b in model.buffers()))
-    assert latency.weight_bytes(model) == expected
+    assert weight_bytes(model) == expected
 
 
 def test_config_checks(pair):

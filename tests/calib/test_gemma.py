@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from lowbit.calib import load_calibration, quantize_model_calibrated
+from lowbit.calib import load_calibration
 from lowbit.recipe import Recipe, _int
-from tests.calib.test_sequential import TEXTS
+from tests.calib.test_sequential import TEXTS, in_memory
 from tests.conftest import make_tokenizer
 
 
@@ -31,7 +31,7 @@ def test_gemma3_folding_keeps_the_function(method):
     data = load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48)
     w8 = Recipe(name="w8", scheme=_int(8, "channel"))
     ref = tiny_gemma3()
-    q = quantize_model_calibrated(tiny_gemma3(), make_tokenizer(), w8, method, data)
+    q = in_memory(w8, method, data, model=tiny_gemma3()).module
     with torch.no_grad():
         a, b = ref(data.ids).logits, q(data.ids).logits
     rel = ((a - b).norm() / a.norm()).item()

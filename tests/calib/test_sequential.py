@@ -9,10 +9,13 @@ import warnings
 import pytest
 import torch
 
-from lowbit.calib import CalibOptions, load_calibration, quantize_calibrated, quantize_model_calibrated
+from dataclasses import asdict
+
+import lowbit
+from lowbit.calib import CalibConfig, CalibOptions, load_calibration
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import QuantSpec
-from lowbit.model.load import load_artifact
+from lowbit.model.artifact import load_artifact
 from lowbit.model.qlinear import prepare_model
 from lowbit.model.quantize import quantize_model
 from lowbit.recipe import Recipe, _int
@@ -29,6 +32,18 @@ def calib():
     return load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48)
 
 
+def streamed_from(path, recipe, method, out=None, options=CalibOptions()):
+    """The checkpoint read block by block from disk (lowbit.quantize on a path)."""
+    cfg = CalibConfig(method=method, data=TEXTS, samples=2, seq_len=48, **asdict(options))
+    return lowbit.quantize(str(path), recipe, calib=cfg, out=out)
+
+
+def in_memory(recipe, method, data, options=CalibOptions(), model=None):
+    """The same loop on a model already in memory (lowbit.quantize on a module)."""
+    cfg = CalibConfig(method=method, data=data, **asdict(options))
+    return lowbit.quantize(model if model is not None else make_tiny_llama(), recipe, tokenizer=make_tokenizer(), calib=cfg)
+
+
 def same_state(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -37,12 +52,12 @@ def same_state(a, b) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq", "awq-gptq"])
 def test_streaming_equals_in_memory(tiny_dir, method):
-    streamed = quantize_calibrated(str(tiny_dir), W4, method, TEXTS, samples=2, seq_len=48, options=FAST).model
-    in_memory = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, method, calib(), options=FAST)
-    assert same_state(streamed, in_memory)
-    assert streamed.lowbit_calibration["method"] == method
-    assert ("awq_ratios" in streamed.lowbit_calibration) == method.startswith("awq")
-    assert set(streamed.lowbit_imatrix) == {p.name for p in streamed.lowbit_plan if p.spec is not None}
+    streamed = streamed_from(tiny_dir, W4, method, options=FAST)
+    in_mem = in_memory(W4, method, calib(), FAST)
+    assert same_state(streamed.module, in_mem.module)
+    assert streamed.calibration["method"] == method
+    assert ("awq_ratios" in streamed.calibration) == method.startswith("awq")
+    assert set(streamed.imatrix) == {p.name for p in streamed.plan if p.spec is not None}
 
 
 @pytest.mark.slow
@@ -59,30 +74,30 @@ def test_streaming_an_untied_model_offloads_its_embedding_and_changes_nothing(tm
     monkeypatch.setattr(sequential, "_offload", lambda m, names: (offloaded.extend(names), real(m, names)))
     real_rows = sequential._rows_in_chunks
     monkeypatch.setattr(sequential, "_rows_in_chunks", lambda lin, spec: real_rows(lin, spec, rows=64))
-    streamed = quantize_calibrated(str(folder), W4, "gptq", TEXTS, samples=2, seq_len=48, options=FAST).model
-    in_memory = quantize_model_calibrated(make_tiny_llama(tie=False), make_tokenizer(), W4, "gptq", calib(), options=FAST)
+    streamed = streamed_from(folder, W4, "gptq", options=FAST)
+    in_mem = in_memory(W4, "gptq", calib(), FAST, model=make_tiny_llama(tie=False))
     assert "model.embed_tokens.weight" in offloaded
-    assert not streamed.model.embed_tokens.weight.is_meta
-    assert same_state(streamed, in_memory)
+    assert not streamed.module.model.embed_tokens.weight.is_meta
+    assert same_state(streamed.module, in_mem.module)
 
 
 def test_rtn_through_the_loop_equals_quantize_model():
     plain = make_tiny_llama()
     quantize_model(plain, W4)
-    looped = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "rtn", calib())
-    assert same_state(plain, looped)
+    looped = in_memory(W4, "rtn", calib())
+    assert same_state(plain, looped.module)
 
 
 @pytest.mark.slow
 def test_gptq_artifact_reloads_with_perm_and_imatrix(tiny_dir, tmp_path, ids):
     out = tmp_path / "art"
-    q = quantize_calibrated(str(tiny_dir), W4, "gptq", TEXTS, samples=2, seq_len=48, out=out, options=FAST).model
+    q = streamed_from(tiny_dir, W4, "gptq", out=out, options=FAST)
     back = load_artifact(out)
-    assert "perm" in dict(back.model.model.layers[0].self_attn.q_proj.named_buffers())
-    assert set(back.model.lowbit_imatrix) == set(q.lowbit_imatrix)
+    assert "perm" in dict(back.module.model.layers[0].self_attn.q_proj.named_buffers())
+    assert set(back.imatrix) == set(q.imatrix)
     assert back.meta["calibration"]["data"]["tokens"] == 96
     assert back.meta["recipe"]["algorithm"] == "gptq"
-    torch.testing.assert_close(back.model(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(back.module(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -92,7 +107,7 @@ def test_gptq_reduces_output_error_of_a_block():
     ref = make_tiny_llama()
     errs = {}
     for method in ("rtn", "gptq"):
-        m = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, method, data)
+        m = in_memory(W4, method, data)
         with torch.no_grad():
             errs[method] = (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
     assert errs["gptq"] < errs["rtn"], errs
@@ -102,36 +117,35 @@ def test_singular_hessian_falls_back_to_rtn_with_advice():
     data = load_calibration(TEXTS, make_tokenizer(), samples=1, seq_len=2)  # 2 tokens: H has rank <= 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "gptq", data,
-                                      options=CalibOptions(damp=0.0))
+        m = in_memory(W4, "gptq", data, CalibOptions(damp=0.0))
     msgs = [str(w.message) for w in caught if "fell back to round-to-nearest" in str(w.message)]
     assert msgs and "--damp" in msgs[0]
-    fell = m.lowbit_calibration["rtn_fallbacks"]
+    fell = m.calibration["rtn_fallbacks"]
     assert fell
     plain = make_tiny_llama()
     quantize_model(plain, W4)
     name = fell[0]
-    assert torch.equal(m.get_submodule(name).qtensor().tensors["qdata"], plain.get_submodule(name).qtensor().tensors["qdata"])
+    assert torch.equal(m.module.get_submodule(name).qtensor().tensors["qdata"], plain.get_submodule(name).qtensor().tensors["qdata"])
 
 
 @pytest.mark.slow
 def test_w8a8_static_gets_input_scales_and_smoothquant_keeps_function(tiny_dir, tmp_path, ids):
     out = tmp_path / "w8a8"
-    q = quantize_calibrated(str(tiny_dir), W8A8S, "smoothquant", TEXTS, samples=2, seq_len=48, out=out).model
-    lin = q.model.layers[0].mlp.down_proj
+    q = streamed_from(tiny_dir, W8A8S, "smoothquant", out=out)
+    lin = q.module.model.layers[0].mlp.down_proj
     assert lin.input_scale.numel() == 1 and lin.input_scale.item() > 0
     back = load_artifact(out)
-    torch.testing.assert_close(back.model(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
-    prepare_model(back.model, "reference")  # SmoothQuant's function, not the CPU kernel's rounding (tests/model/test_kernels.py)
+    torch.testing.assert_close(back.module(ids).logits, q(ids).logits, rtol=1e-4, atol=1e-4)
+    prepare_model(back.module, "reference")  # SmoothQuant's function, not the CPU kernel's rounding (tests/model/test_kernels.py)
     ref = make_tiny_llama()(ids).logits
-    assert (back.model(ids).logits - ref).abs().mean() < 0.25 * ref.abs().mean()  # measured 0.12 on this random model
+    assert (back.module(ids).logits - ref).abs().mean() < 0.25 * ref.abs().mean()  # measured 0.12 on this random model
 
 
 def test_method_checks():
     with pytest.raises(LowbitError, match="unknown"):
-        quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "magic", calib())
+        in_memory(W4, "magic", calib())
     with pytest.raises(LowbitError, match="integer schemes"):
-        quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), "nf4", "gptq", calib())
+        in_memory("nf4", "gptq", calib())
 
 
 # -- calibration data -----------------------------------------------------------------------------
@@ -209,9 +223,9 @@ def test_awq_gptq_folds_awq_scales_then_rounds_with_gptq(monkeypatch):
     used = []
     monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, real=gptq.gptq_quantize, **k: used.append("gptq") or real(*a, **k))
     monkeypatch.setattr(clip, "clip_search", lambda *a, real=clip.clip_search, **k: used.append("clip") or real(*a, **k))
-    both = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "awq-gptq", calib(), options=FAST)
+    both = in_memory(W4, "awq-gptq", calib(), FAST)
     assert used and set(used) == {"gptq"}
-    awq_only = quantize_model_calibrated(make_tiny_llama(), make_tokenizer(), W4, "awq", calib(), options=FAST)
-    first = {k: v for k, v in awq_only.lowbit_calibration["awq_ratios"].items() if ".layers.0." in k}
-    assert first and all(both.lowbit_calibration["awq_ratios"][k] == v for k, v in first.items())  # block 0 sees the same inputs
-    assert both.lowbit_recipe.algorithm == "awq-gptq"
+    awq_only = in_memory(W4, "awq", calib(), FAST)
+    first = {k: v for k, v in awq_only.calibration["awq_ratios"].items() if ".layers.0." in k}
+    assert first and all(both.calibration["awq_ratios"][k] == v for k, v in first.items())  # block 0 sees the same inputs
+    assert both.recipe.algorithm == "awq-gptq"

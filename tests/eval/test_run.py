@@ -8,14 +8,14 @@ from typer.testing import CliRunner
 import lowbit
 from lowbit.cli import app
 from lowbit.errors import LowbitError
-from lowbit.eval.run import EvalOptions, evaluate, load_pair, parse_suites
+from lowbit.eval.run import EvalConfig, evaluate, load_pair, parse_suites
 from lowbit.formats import QuantSpec
 from lowbit.model.load import load_model
 from lowbit.recipe import Override, Recipe
 from tests.conftest import make_tiny_llama, make_tokenizer
 
 runner = CliRunner(env={"COLUMNS": "200"})
-OPTS = EvalOptions(suites=("general", "jargon", "long_context"), quick=True, samples=3, seq_len=64)
+OPTS = EvalConfig(suites=("general", "jargon", "long_context"), quick=True, samples=3, seq_len=64)
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +39,10 @@ def test_model_against_itself_is_identical(tiny_dir):
 def test_damaged_candidate_diverges_more_than_int8(tiny_dir, tmp_path):
     base = load_model(tiny_dir)
     honest = load_model(tiny_dir)
-    lowbit.quantize(honest.model, "int8")
+    lowbit.quantize(honest, "int8")
     damaged = load_model(tiny_dir)
     two_bit = QuantSpec(kind="int", bits=2, granularity="channel")
-    lowbit.quantize(damaged.model, Recipe(scheme=QuantSpec(kind="int", bits=8),
+    lowbit.quantize(damaged, Recipe(scheme=QuantSpec(kind="int", bits=8),
                                           overrides=(Override("model.layers.0.mlp.down_proj", two_bit),)))
     good = evaluate(base, honest, OPTS)["divergence"]
     bad = evaluate(base, damaged, OPTS)["divergence"]
@@ -53,13 +53,13 @@ def test_baseline_side_is_cached(tiny_dir, tmp_path):
     from lowbit.eval import divergence
 
     base, cand = load_pair(str(tiny_dir), str(tiny_dir), lambda s: None)
-    evaluate(base, cand, EvalOptions(suites=(), quick=True, samples=2, seq_len=32))
+    evaluate(base, cand, EvalConfig(suites=(), quick=True, samples=2, seq_len=32))
     files = list(divergence.cache_dir().glob("*.pt"))
     assert len(files) == 1
     calls = []
-    orig = base.model.forward
-    base.model.forward = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
-    evaluate(base, cand, EvalOptions(suites=(), quick=True, samples=2, seq_len=32))
+    orig = base.module.forward
+    base.module.forward = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    evaluate(base, cand, EvalConfig(suites=(), quick=True, samples=2, seq_len=32))
     assert calls == []  # the baseline was not run again
 
 

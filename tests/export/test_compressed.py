@@ -9,6 +9,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export.compressed import write_compressed
+from lowbit.model.handle import Model
 from lowbit.formats import QuantSpec
 from lowbit.model.load import load_model
 from lowbit.model.qlinear import prepare_model
@@ -52,7 +53,7 @@ def test_transformers_loads_export_with_lowbit_logits(tmp_path, ids, spec, fmt, 
 
     model = _quantized(spec)
     ref = _logits(model, ids)
-    res = write_compressed(model, make_tokenizer(), tmp_path / "ct")
+    res = write_compressed(Model(model, make_tokenizer()), tmp_path / "ct")
     assert res.exact == 15 and res.requantized == 0
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
@@ -76,7 +77,7 @@ def test_asymmetric_export_and_lowbit_import(tmp_path, ids):
     with the library; transformers 5.24 + compressed-tensors 0.20 cannot load this layout (a known bug)."""
     model = _quantized(W4_ASYM, tie=True)
     ref = _logits(model, ids)
-    write_compressed(model, make_tokenizer(), tmp_path / "ct")
+    write_compressed(Model(model, make_tokenizer()), tmp_path / "ct")
     st = tmp_path / "ct" / "model.safetensors"
     from safetensors import safe_open
 
@@ -84,13 +85,13 @@ def test_asymmetric_export_and_lowbit_import(tmp_path, ids):
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight_zero_point").dtype == torch.int32  # packed
     back = load_model(tmp_path / "ct")
     assert back.source["kind"] == "compressed-tensors"
-    assert torch.equal(back.model.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.dequantized_weight())
-    assert torch.allclose(_logits(back.model, ids), ref, atol=1e-4)
+    assert torch.equal(back.module.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.dequantized_weight())
+    assert torch.allclose(_logits(back.module, ids), ref, atol=1e-4)
 
 
 def test_float_zero_domain_is_requantized_with_a_note(tmp_path):
     model = _quantized(W4_ASYM_F)
-    res = write_compressed(model, None, tmp_path / "ct")
+    res = write_compressed(Model(model, None), tmp_path / "ct")
     assert res.exact == 0 and res.requantized == 15
     assert any("asym-f" in n for n in res.notes)
 
@@ -98,16 +99,16 @@ def test_float_zero_domain_is_requantized_with_a_note(tmp_path):
 def test_nf4_and_e5m2_are_refused_with_nearest(tmp_path):
     nf4 = QuantSpec(kind="nf4", bits=4, granularity="group", group_size=32)
     with pytest.raises(LowbitError, match="int4 group"):
-        write_compressed(_quantized(nf4), None, tmp_path / "a")
+        write_compressed(Model(_quantized(nf4), None), tmp_path / "a")
     with pytest.raises(LowbitError, match="fp8_e4m3"):
-        write_compressed(_quantized(QuantSpec(kind="fp8_e5m2", bits=8, granularity="channel")), None, tmp_path / "b")
+        write_compressed(Model(_quantized(QuantSpec(kind="fp8_e5m2", bits=8, granularity="channel")), None), tmp_path / "b")
     assert not list(tmp_path.iterdir())
 
 
 def test_existing_output_needs_force(tmp_path):
     (tmp_path / "ct").mkdir()
     with pytest.raises(LowbitError, match="--force"):
-        write_compressed(_quantized(W4_SYM), None, tmp_path / "ct")
+        write_compressed(Model(_quantized(W4_SYM), None), tmp_path / "ct")
 
 
 def test_tied_int8_head_exports_its_rows_as_the_embedding_table(tmp_path, ids):
@@ -120,6 +121,6 @@ def test_tied_int8_head_exports_its_rows_as_the_embedding_table(tmp_path, ids):
     model = make_tiny_llama(tie=True)
     lowbit.quantize(model, "int8")
     prepare_model(model, "reference")
-    write_compressed(model, make_tokenizer(), tmp_path / "ct")
+    write_compressed(Model(model, make_tokenizer()), tmp_path / "ct")
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
     assert (_logits(hf, ids) - _logits(model, ids)).abs().max().item() < 5e-3  # fp16 table vs int8 x scale rows

@@ -60,7 +60,7 @@ def _chat_ids(tokenizer, question: str) -> list[int]:
 
 def test_f32_baseline_in_llama_cpp_matches_lowbit(smol, samples, base_gguf):
     lm = llamacpp.LlamaCppLM(base_gguf)
-    d = compare(smol.model, lm, samples, use_cache=False)
+    d = compare(smol.module, lm, samples, use_cache=False)
     assert d["mean_kld"] < 1e-3 and d["top1"] > 0.98  # same FP32 weights, two implementations
     text = smol.tokenizer.decode(lm.generate(_chat_ids(smol.tokenizer, "What is the capital of France?"), 16))
     assert "Paris" in text, text
@@ -71,7 +71,7 @@ def test_exact_q4_1_export_runs_in_llama_cpp_and_agrees(smol, samples, tmp_path)
 
     from lowbit.export.gguf import source_gguf
 
-    model = copy.deepcopy(smol.model)
+    model = copy.deepcopy(smol.module)
     spec = QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False, zero_domain="float",
                      scale_dtype="float16")
     quantize_model(model, Recipe(scheme=spec))
@@ -93,7 +93,7 @@ def test_exact_q4_1_export_runs_in_llama_cpp_and_agrees(smol, samples, tmp_path)
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0"])
 def test_lowbit_blocks_equal_llama_cpp_quantizer(smol, base_gguf, tmp_path, type_name):
-    ours = write_gguf(smol.model, tmp_path / "ours.gguf", type_name, smol.source, smol.folder).path
+    ours = write_gguf(smol.module, tmp_path / "ours.gguf", type_name, smol.source, smol.folder).path
     theirs = llamacpp.quantize(base_gguf, tmp_path / "theirs.gguf", type_name)  # tensor name -> type it chose
     a, b = _tensors(ours), _tensors(tmp_path / "theirs.gguf")
     same_type = [n for n, t in theirs.items() if t == type_name and n.startswith("blk.")]
@@ -105,14 +105,14 @@ def test_lowbit_blocks_equal_llama_cpp_quantizer(smol, base_gguf, tmp_path, type
 
 def test_k_quant_through_llama_cpp_with_importance_matrix(smol, samples, tmp_path):
     windows = [s.ids for s in samples]
-    imx = llamacpp.importance_matrix(smol.model, windows)
+    imx = llamacpp.importance_matrix(smol.module, windows)
     assert imx["model.layers.0.mlp.down_proj"].shape == (1536,)
-    res = write_gguf(smol.model, tmp_path / "k.gguf", "Q4_K_M", smol.source, smol.folder, imx)
+    res = write_gguf(smol.module, tmp_path / "k.gguf", "Q4_K_M", smol.source, smol.folder, imx)
     types = set(res.tensor_types.values())
     assert "Q4_K" in types or "Q5_K" in types or "Q6_K" in types  # 1536-wide ffn_down rows take K-quants
     assert any("importance matrix for 210 tensors" in n for n in res.notes)
     lm = llamacpp.LlamaCppLM(res.path)
-    d = compare(smol.model, lm, samples, use_cache=False)
+    d = compare(smol.module, lm, samples, use_cache=False)
     assert d["mean_kld"] < 0.2 and d["top1"] > 0.75
 
 
@@ -121,9 +121,9 @@ def test_gguf_import_back_into_lowbit(smol, samples, base_gguf, tmp_path, monkey
     llamacpp.quantize(base_gguf, tmp_path / "q8.gguf", "Q8_0")
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # its dequantized copy goes to tmp
     back = load_model(tmp_path / "q8.gguf")
-    d = compare(smol.model, back.model, samples, use_cache=False)
+    d = compare(smol.module, back.module, samples, use_cache=False)
     lm = llamacpp.LlamaCppLM(tmp_path / "q8.gguf")
-    d_cpp = compare(smol.model, lm, samples, use_cache=False)
+    d_cpp = compare(smol.module, lm, samples, use_cache=False)
     assert d["mean_kld"] < 0.01 and d_cpp["mean_kld"] < 0.01
     with torch.no_grad():
-        assert back.model.model.embed_tokens.weight.shape == smol.model.model.embed_tokens.weight.shape
+        assert back.module.model.embed_tokens.weight.shape == smol.module.model.embed_tokens.weight.shape

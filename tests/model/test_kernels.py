@@ -7,7 +7,8 @@ import torch
 
 import lowbit
 from lowbit.formats import QuantSpec
-from lowbit.model.load import load_artifact, load_model
+from lowbit.model.artifact import load_artifact
+from lowbit.model.load import load_model
 from lowbit.model.qlinear import QLinear, prepare_model
 
 SPECS = {
@@ -88,7 +89,7 @@ def test_act_order_permutation_runs_on_the_fast_kernel():
 
 
 def test_one_warning_names_the_slow_modules(tiny_dir):
-    model = load_model(tiny_dir).model
+    model = load_model(tiny_dir).module
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lowbit.quantize(model, "nf4")
@@ -102,8 +103,8 @@ def test_one_warning_names_the_slow_modules(tiny_dir):
 
 @pytest.mark.parametrize("preset", ["int8", "w4-g32", "w8a8-dynamic"])
 def test_whole_model_fast_logits_close_to_reference_and_artifact_unchanged(tiny_dir, ids, tmp_path, preset):
-    model = load_model(tiny_dir).model
-    lowbit.quantize(model, preset)
+    handle = lowbit.quantize(load_model(tiny_dir), preset)
+    model = handle.module
     with torch.no_grad():
         prepare_model(model, "reference")
         ref = model(ids).logits
@@ -112,8 +113,8 @@ def test_whole_model_fast_logits_close_to_reference_and_artifact_unchanged(tiny_
     assert all(p.fast for p in plans.values())
     assert _rel(fast, ref) < 2 * _tol("int8dyn" if preset == "w8a8-dynamic" else "")
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
-    out = lowbit.save(model, tmp_path / "a")  # saving a model on fast kernels stores the same artifact
-    back = load_artifact(out).model
+    out = lowbit.save(handle, tmp_path / "a")  # saving a model on fast kernels stores the same artifact
+    back = load_artifact(out).module
     prepare_model(back, "reference")
     with torch.no_grad():
         assert torch.equal(back(ids).logits, ref)
@@ -140,13 +141,14 @@ def test_lean_decode_fuses_projections_without_changing_tokens_or_memory(ids, pr
     """q/k/v and gate/up run as one kernel call each: same tokens as transformers' generate over the
     separate modules, same bytes held, and the modules still save the same tensors."""
     from tests.conftest import make_tiny_llama, make_tokenizer
-    from lowbit.export.native import save_artifact
+    from lowbit.model.artifact import save_artifact
+    from lowbit.model.handle import Model
     from lowbit.model.quantize import quantize_model
     from lowbit.recipe import PRESETS
     from lowbit.runtime.decode import LeanDecoder, lean_generate
 
     model = make_tiny_llama()
-    quantize_model(model, PRESETS[preset])
+    plans = quantize_model(model, PRESETS[preset])
     held = sum(m.memory_bytes for m in model.modules() if isinstance(m, QLinear))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     dec = LeanDecoder(model, 1, 64)
@@ -162,8 +164,8 @@ def test_lean_decode_fuses_projections_without_changing_tokens_or_memory(ids, pr
     assert sum(m.memory_bytes for m in model.modules() if isinstance(m, QLinear)) == held
     after = model.state_dict()
     assert after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)
-    save_artifact(model, make_tokenizer(), tmp_path / "art", {})  # slices of the fused tensors save on their own
-    back = load_artifact(tmp_path / "art").model.state_dict()
+    save_artifact(Model(model, make_tokenizer(), plan=plans, recipe=PRESETS[preset]), tmp_path / "art")  # slices of the fused tensors save on their own
+    back = load_artifact(tmp_path / "art").module.state_dict()
     assert all(torch.equal(back[k], saved[k]) for k in saved)
 
 
@@ -188,7 +190,7 @@ def test_lean_decode_left_padded_batch_equals_single_rows():
 def test_quantized_kv_cache_close_to_float_in_both_engines(kind, tol):
     from tests.conftest import make_tiny_llama
     from lowbit.runtime.decode import LeanDecoder
-    from lowbit.runtime.kvcache import QuantizedKVCache, kv_bytes_per_token
+    from lowbit.model.kvcache import QuantizedKVCache, kv_bytes_per_token
 
     model = make_tiny_llama(seed=1)
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
@@ -212,7 +214,7 @@ def test_kv_cache_bad_kind_and_unsupported_architecture():
     from types import SimpleNamespace
 
     from lowbit.errors import LowbitError
-    from lowbit.runtime.kvcache import QuantizedKVCache, check_architecture
+    from lowbit.model.kvcache import QuantizedKVCache, check_architecture
 
     with pytest.raises(LowbitError, match="int8, fp8"):
         QuantizedKVCache("int4")
@@ -274,18 +276,18 @@ def test_quantized_gemma3_embedding_reads_head_rows(tmp_path):
 
 def test_recipe_kv_cache_travels_with_the_artifact(tiny_dir, tmp_path, ids):
     from lowbit.recipe import PRESETS, Recipe
-    from lowbit.runtime.kvcache import kv_of
+    from lowbit.model.kvcache import kv_of
 
     recipe = Recipe.from_dict({**PRESETS["int8"].to_dict(), "name": "int8-kv8", "kv_cache": "int8"})
-    model = load_model(tiny_dir).model
-    lowbit.quantize(model, recipe)
+    handle = lowbit.quantize(load_model(tiny_dir), recipe)
+    model = handle.module
     assert kv_of(model) == "int8"
-    out = lowbit.save(model, tmp_path / "a")
-    back = load_artifact(out).model
+    out = lowbit.save(handle, tmp_path / "a")
+    back = load_artifact(out).module
     assert kv_of(back) == "int8"
     with torch.no_grad():  # the attached cache is used by whole-sequence forwards, and differs from float K/V
         with_kv = back(ids).logits
-        from lowbit.runtime.kvcache import attach
+        from lowbit.model.kvcache import attach
 
         attach(back, "none")
         plain = back(ids).logits

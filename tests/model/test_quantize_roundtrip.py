@@ -8,7 +8,7 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, dequantize_tensor
-from lowbit.model.generate import complete
+from lowbit.runtime.generate import complete
 from lowbit.model.load import load_model, load_streaming
 from lowbit.model.qlinear import QEmbedding, QLinear, prepare_model
 from lowbit.model.quantize import round_kept
@@ -25,14 +25,14 @@ def kld(p_logits, q_logits):
 def test_every_preset_round_trips_exactly(name, tiny_dir, ids, tmp_path):
     loaded = load_model(tiny_dir)
     with torch.no_grad():
-        base = loaded.model(ids).logits
-    lowbit.quantize(loaded.model, name)
+        base = loaded.module(ids).logits
+    lowbit.quantize(loaded, name)
     with torch.no_grad():
-        q = loaded.model(ids).logits
-    assert sum(isinstance(m, QLinear) for m in loaded.model.modules()) == 15  # 7 per layer and the head
-    shared = isinstance(loaded.model.get_input_embeddings(), QEmbedding)
+        q = loaded.module(ids).logits
+    assert sum(isinstance(m, QLinear) for m in loaded.module.modules()) == 15  # 7 per layer and the head
+    shared = isinstance(loaded.module.get_input_embeddings(), QEmbedding)
     assert shared  # every preset's head is INT8/FP8 per row, so the tied table is its rows
-    lowbit.save(loaded.model, tmp_path / "art", tokenizer=loaded.tokenizer)
+    lowbit.save(loaded, tmp_path / "art")
     meta = json.loads((tmp_path / "art" / "lowbit.json").read_text())
     assert meta.get("embedding") == "lm_head"
     assert meta["source"]["sha256"] == loaded.source["sha256"] and len(meta["source"]["sha256"]) == 64
@@ -46,8 +46,8 @@ def test_every_preset_round_trips_exactly(name, tiny_dir, ids, tmp_path):
 
 def test_quantized_forward_equals_dequantized_weights(tiny_dir, ids):
     """QLinear's reference forward is F.linear with the dequantized weight: a float model given those weights agrees."""
-    model = load_model(tiny_dir).model
-    ref = load_model(tiny_dir).model
+    model = load_model(tiny_dir).module
+    ref = load_model(tiny_dir).module
     lowbit.quantize(model, "w4-g32")
     prepare_model(model, "reference")
     round_kept(ref, "float16")  # what quantize does to the kept tensors
@@ -76,11 +76,11 @@ def test_untied_quantized_head_round_trips(tmp_path, ids):
     folder = save_hf(make_tiny_llama(tie=True), tmp_path / "m")
     loaded = load_model(folder)
     recipe = Recipe(scheme=QuantSpec(kind="int", bits=8), ignore=())  # quantize the tied head too
-    lowbit.quantize(loaded.model, recipe)
-    assert isinstance(loaded.model.lm_head, QLinear)
+    lowbit.quantize(loaded, recipe)
+    assert isinstance(loaded.module.lm_head, QLinear)
     with torch.no_grad():
-        q = loaded.model(ids).logits
-    lowbit.save(loaded.model, tmp_path / "art", tokenizer=loaded.tokenizer)
+        q = loaded.module(ids).logits
+    lowbit.save(loaded, tmp_path / "art")
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "art")(ids).logits, q)
 
@@ -88,14 +88,14 @@ def test_untied_quantized_head_round_trips(tmp_path, ids):
 def test_load_in_4bit_streams_and_matches_in_memory(tiny_dir, ids):
     streamed = lowbit.load(tiny_dir, load_in_4bit=True, quant_type="nf4", double_quant=True, group_size=32,
                            compute_dtype=torch.float32)
-    in_mem = load_model(tiny_dir).model
+    in_mem = load_model(tiny_dir).module
     lowbit.quantize(in_mem, Recipe(scheme=QuantSpec(kind="nf4", bits=4, granularity="group", group_size=32,
                                                      double_quant=True), keep_dtype="float32"))
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, in_mem(ids).logits)
     bf16 = lowbit.load(tiny_dir, load_in_4bit=True, compute_dtype=torch.bfloat16)
-    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert isinstance(bf16.model.layers[0].mlp.up_proj, QLinear)
+    assert bf16.module.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert isinstance(bf16.module.model.layers[0].mlp.up_proj, QLinear)
     with torch.no_grad():
         assert bf16(ids).logits.dtype == torch.bfloat16
 
@@ -108,12 +108,12 @@ def test_streaming_never_materialises_the_float_model(tiny_dir, monkeypatch):
     real = load_mod.QLinear.from_weight
     monkeypatch.setattr(load_mod.QLinear, "from_weight",
                         classmethod(lambda cls, w, spec, bias=None: (seen.append(w.shape), real(w, spec, bias))[1]))
-    model = load_streaming(tiny_dir, PRESETS["int8"], torch.float32).model
+    model = load_streaming(tiny_dir, PRESETS["int8"], torch.float32).module
     assert len(seen) == 15  # 7 per layer, and the tied head built from the embedding table as it arrives
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert isinstance(model.get_input_embeddings(), QEmbedding)
     ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
-    in_memory = load_model(tiny_dir).model
+    in_memory = load_model(tiny_dir).module
     lowbit.quantize(in_memory, "int8")
     with torch.no_grad():  # same tensors either way (the streaming path skips round_kept's fp16 rounding of norms)
         assert torch.allclose(model(ids).logits, in_memory(ids).logits, atol=1e-2)
@@ -121,10 +121,10 @@ def test_streaming_never_materialises_the_float_model(tiny_dir, monkeypatch):
 
 def test_generate_runs_on_reloaded_artifact(tiny_dir, tmp_path):
     loaded = load_model(tiny_dir)
-    lowbit.quantize(loaded.model, "int8")
-    lowbit.save(loaded.model, tmp_path / "art", tokenizer=loaded.tokenizer)
+    lowbit.quantize(loaded, "int8")
+    lowbit.save(loaded, tmp_path / "art")
     reloaded = load_model(tmp_path / "art")
-    text = complete(reloaded.model, reloaded.tokenizer, "Hello", max_new_tokens=8, chat=False)
+    text = complete(reloaded.module, reloaded.tokenizer, "Hello", max_new_tokens=8, chat=False)
     assert isinstance(text, str) and len(text) > 0
 
 
@@ -146,7 +146,7 @@ def test_indivisible_group_size_errors_or_shrinks():
     shrink = Recipe(scheme=QuantSpec(kind="int", bits=4, granularity="group", group_size=48), group_fallback="shrink")
     with pytest.raises(LowbitError, match="not divisible"):  # 48 -> 24 -> 12 does not divide 64 either
         lowbit.quantize(model, shrink)
-    plans = lowbit.quantize(model, "w4-g128").lowbit_plan  # 128 -> 64 on 64-wide rows
+    plans = lowbit.quantize(model, "w4-g128").plan  # 128 -> 64 on 64-wide rows
     head = next(p for p in plans if p.name == "lm_head")
     assert head.spec.label == "int8 ch"  # the preset's head override
     groups = {p.name.rsplit(".", 1)[1]: p.spec.group_size for p in plans if p.spec and p is not head}
@@ -159,15 +159,15 @@ def test_biased_linears_round_trip(tmp_path, ids, preset):
     """Layers with biases (Qwen-style attention_bias, mlp_bias) keep them through save/load and streaming."""
     folder = save_hf(make_tiny_llama(attention_bias=True, mlp_bias=True), tmp_path / "biased")
     loaded = load_model(folder)
-    lowbit.quantize(loaded.model, preset)
-    assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
+    lowbit.quantize(loaded, preset)
+    assert loaded.module.model.layers[0].self_attn.q_proj.bias is not None
     with torch.no_grad():
-        q = loaded.model(ids).logits
-    lowbit.save(loaded.model, tmp_path / "art")
+        q = loaded.module(ids).logits
+    lowbit.save(loaded, tmp_path / "art")
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "art")(ids).logits, q)
     streamed = lowbit.load(folder, load_in_8bit=True, compute_dtype=torch.float32)
-    assert streamed.model.layers[1].mlp.down_proj.bias is not None
+    assert streamed.module.model.layers[1].mlp.down_proj.bias is not None
     with torch.no_grad():
         assert torch.isfinite(streamed(ids).logits).all()
 
@@ -181,8 +181,8 @@ def test_sharded_checkpoint_loads_both_ways(tmp_path, ids):
     make_tokenizer().save_pretrained(folder)
     assert len(list(folder.glob("*.safetensors"))) > 1
     in_mem = load_model(folder)
-    lowbit.quantize(in_mem.model, Recipe(scheme=PRESETS["int8"].scheme, keep_dtype="float32"))
+    lowbit.quantize(in_mem, Recipe(scheme=PRESETS["int8"].scheme, keep_dtype="float32"))
     streamed = lowbit.load(folder, load_in_8bit=True, compute_dtype=torch.float32)
     with torch.no_grad():
-        assert torch.equal(streamed(ids).logits, in_mem.model(ids).logits)
+        assert torch.equal(streamed(ids).logits, in_mem.module(ids).logits)
     assert len(in_mem.source["sha256"]) == 64

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 import lowbit
-from lowbit.export.native import artifact_entries
+from lowbit.model.artifact import artifact_entries
 from lowbit.formats import QuantSpec
 from lowbit.model import st_writer
 from lowbit.model.load import load_model
@@ -92,19 +92,19 @@ def test_stored_meta_matches_the_codes_a_kernel_gives_back(spec):
 
 def test_saving_a_kernel_packed_model_rebuilds_codes_only_when_written(tiny_dir, ids, tmp_path, monkeypatch):
     loaded = load_model(tiny_dir)
-    lowbit.quantize(loaded.model, "w4-g32")
-    assert any(isinstance(m, QLinear) and "qdata" not in m._buffers for m in loaded.model.modules())
+    lowbit.quantize(loaded, "w4-g32")
+    assert any(isinstance(m, QLinear) and "qdata" not in m._buffers for m in loaded.module.modules())
     calls = []
     real = QLinear._stored
     monkeypatch.setattr(QLinear, "_stored", lambda self, name: calls.append(name) or real(self, name))
-    entries = artifact_entries(loaded.model, "float16")
+    entries = artifact_entries(loaded.module, "float16")
     assert calls == []  # listing the tensors rebuilt no codes
     with torch.no_grad():
-        before = loaded.model(ids).logits
-    lowbit.save(loaded.model, tmp_path / "art", tokenizer=loaded.tokenizer)
+        before = loaded.module(ids).logits
+    lowbit.save(loaded, tmp_path / "art")
     assert calls.count("qdata") == sum(e.name.endswith("qdata") and isinstance(
-        loaded.model.get_submodule(e.name.rpartition(".")[0]), QLinear)
-        and "qdata" not in loaded.model.get_submodule(e.name.rpartition(".")[0])._buffers for e in entries)
+        loaded.module.get_submodule(e.name.rpartition(".")[0]), QLinear)
+        and "qdata" not in loaded.module.get_submodule(e.name.rpartition(".")[0])._buffers for e in entries)
     with torch.no_grad():
         after = lowbit.load(tmp_path / "art")(ids).logits
     assert torch.equal(before, after)
@@ -124,12 +124,12 @@ def test_fits_dtype_looks_at_every_chunk(monkeypatch):
 
 def test_a_kept_tensor_that_overflows_float16_is_stored_as_it_is(tiny_dir, ids, tmp_path):
     loaded = load_model(tiny_dir)
-    norm = loaded.model.model.norm.weight
+    norm = loaded.module.model.norm.weight
     with torch.no_grad():
         norm[0] = 1e6
-    lowbit.quantize(loaded.model, "w4-g32")
+    lowbit.quantize(loaded, "w4-g32")
     assert norm[0].item() == 1e6 and norm[1].item() == float(norm[1].half())  # the others went through float16
-    lowbit.save(loaded.model, tmp_path / "art", tokenizer=loaded.tokenizer)
+    lowbit.save(loaded, tmp_path / "art")
     with safe_open(str(tmp_path / "art" / "model.safetensors"), "pt") as f:
         stored = f.get_tensor("model.norm.weight")
         assert stored.dtype == torch.float32 and stored[0].item() == 1e6

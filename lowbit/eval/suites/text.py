@@ -67,8 +67,8 @@ def jargon(baseline, candidate, quick: bool = False, n: int = 8, seq_len: int = 
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True, max_length=seq_len)
         ids = torch.tensor(enc["input_ids"])
         mask = jargon_mask(text, enc["offset_mapping"], vocab)[1:]  # class of each predicted token
-        lb = baseline.model(ids[None]).logits[0, :-1]
-        lc = candidate.model(ids[None]).logits[0, :-1]
+        lb = baseline.module(ids[None]).logits[0, :-1]
+        lc = candidate.module(ids[None]).logits[0, :-1]
         k = metrics.kld(lb, lc)
         target = ids[1:]
         row = {"name": name, "text": text[:300]}
@@ -129,7 +129,7 @@ def _needles(tok, haystack_ids: torch.Tensor, length: int, count: int, seed: int
 
 @torch.no_grad()
 def _retrieves(model, tok, ids: torch.Tensor, code: str) -> tuple[bool, str]:
-    from lowbit.runtime.kvcache import cache_kwargs
+    from lowbit.model.kvcache import cache_kwargs
 
     out = model.generate(ids[None], max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None,
                          pad_token_id=tok.eos_token_id, **cache_kwargs(model))
@@ -140,12 +140,12 @@ def _retrieves(model, tok, ids: torch.Tensor, code: str) -> tuple[bool, str]:
 @torch.no_grad()
 def long_context(baseline, candidate, quick: bool = False, context: int | None = None, needles: int = 3) -> SuiteResult:
     tok = baseline.tokenizer
-    length = context_length(baseline.model, context, quick)
+    length = context_length(baseline.module, context, quick)
     ids = tok(wikipedia_text(), return_tensors="pt", add_special_tokens=False).input_ids[0][:length]
     length = ids.numel()
     nll = {}
     for who, loaded in (("baseline", baseline), ("candidate", candidate)):
-        nll[who] = metrics.nll(loaded.model(ids[None]).logits[0, :-1], ids[1:])  # (length-1,)
+        nll[who] = metrics.nll(loaded.module(ids[None]).logits[0, :-1], ids[1:])  # (length-1,)
     pos = torch.arange(1, length)  # position of each predicted token
     m: dict[str, dict[str, float]] = {}
     edges = [b for b in BUCKETS if b < length] + [length]
@@ -159,7 +159,7 @@ def long_context(baseline, candidate, quick: bool = False, context: int | None =
     hits = {"baseline": 0, "candidate": 0}
     worst = []
     for n_ids, code, depth in _needles(tok, ids, length, 1 if quick else needles):
-        got = {who: _retrieves(loaded.model, tok, n_ids, code) for who, loaded in (("baseline", baseline), ("candidate", candidate))}
+        got = {who: _retrieves(loaded.module, tok, n_ids, code) for who, loaded in (("baseline", baseline), ("candidate", candidate))}
         for who in hits:
             hits[who] += got[who][0]
         if got["baseline"][0] and not got["candidate"][0]:

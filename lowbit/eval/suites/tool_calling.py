@@ -27,7 +27,7 @@ import torch
 from lowbit.data.corpora import package_file
 from lowbit.errors import LowbitError
 from lowbit.eval.types import Case, SuiteResult
-from lowbit.model.generate import greedy_batch
+from lowbit.runtime.generate import greedy_batch
 
 INSTALL = "pip install --no-deps bfcl-eval==2026.3.23"
 CATEGORIES = ("simple_python", "multiple")
@@ -176,9 +176,9 @@ def greedy(loaded, inputs: dict, max_new_tokens: int) -> str:
     No repetition penalty: repeated braces and quotes are normal in JSON.
     """
     tok = loaded.tokenizer
-    inputs = {k: v.to(loaded.model.device) for k, v in inputs.items()}
+    inputs = {k: v.to(loaded.module.device) for k, v in inputs.items()}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+    out = loaded.module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                 temperature=None, top_p=None, top_k=None)
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -317,7 +317,7 @@ def _pct(flags: list[bool]) -> float:
 def _answer(loaded, questions: list[dict], generate_fn: GenerateFn | None, max_new_tokens: int) -> list[dict]:
     prompts = [build_prompt(loaded.tokenizer, q) for q in questions]
     if generate_fn is None:  # the real models: batched greedy decoding
-        texts = greedy_batch(loaded.model, loaded.tokenizer, [p["input_ids"][0] for p in prompts], max_new_tokens)
+        texts = greedy_batch(loaded.module, loaded.tokenizer, [p["input_ids"][0] for p in prompts], max_new_tokens)
     else:
         texts = [generate_fn(loaded, p, max_new_tokens) for p in prompts]
     rows = []
@@ -344,7 +344,7 @@ def _worst(questions, base_rows, cand_rows) -> list[Case]:
 
 def run(baseline, candidate, n: int = 12, max_new_tokens: int = 64, quick: bool = False,
         generate_fn: GenerateFn | None = None, questions: list[dict] | None = None, seed: int = 0) -> SuiteResult:
-    """Tool-calling suite: both models (lowbit.model.load.Loaded) answer the same BFCL questions greedily.
+    """Tool-calling suite: both models (lowbit.Model handles) answer the same BFCL questions greedily.
 
     generate_fn(loaded, inputs, max_new_tokens) -> text replaces the model call (tests); questions
     replaces the BFCL sample.

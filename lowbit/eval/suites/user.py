@@ -42,7 +42,7 @@ from lowbit.datafile import iter_jsonl
 from lowbit.errors import LowbitError
 from lowbit.eval.suites.tool_calling import GenerateFn, greedy, json_values
 from lowbit.eval.types import Case, SuiteResult
-from lowbit.model.generate import encode_prompt
+from lowbit.runtime.generate import encode_prompt
 
 CHECK_TYPES = ("regex", "json_schema", "exact", "contains")
 FIELDS = ("id", "prompt", "expected", "check", "max_new_tokens")
@@ -167,7 +167,7 @@ def _outputs(loaded, items: list[dict], generate_fn: GenerateFn) -> list[str]:
 
 
 def run(baseline, candidate, path: str | Path, quick: bool = False, generate_fn: GenerateFn | None = None) -> SuiteResult:
-    """Score both models (lowbit.model.load.Loaded) on a user eval file; headline pass_pct.
+    """Score both models (lowbit.Model handles) on a user eval file; headline pass_pct.
 
     generate_fn(loaded, inputs, max_new_tokens) -> text replaces the greedy model call (tests).
     quick: only the first 5 items.

@@ -16,6 +16,8 @@ format in static buffers.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
@@ -128,14 +130,13 @@ def attach(model, kind: str) -> None:
     cache (so whole-sequence evaluation reads keys and values as stored), and make lowbit's generation
     (`cache_kwargs`, the lean loop) use the same format. kind "none" detaches."""
     check_kind(kind)
-    old = getattr(model, "_lowbit_kv_hook", None)
+    if kind != "none":
+        check_architecture(model.config)
+    old = _ATTACHED.pop(model, None)
     if old is not None:
-        old.remove()
-        model._lowbit_kv_hook = None
-    model.lowbit_kv_cache = kind
+        old[1].remove()
     if kind == "none":
         return
-    check_architecture(model.config)
 
     def inject(module, args, kwargs):
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
@@ -143,11 +144,17 @@ def attach(model, kind: str) -> None:
             kwargs["use_cache"] = True
         return args, kwargs
 
-    model._lowbit_kv_hook = model.register_forward_pre_hook(inject, with_kwargs=True)
+    _ATTACHED[model] = (kind, model.register_forward_pre_hook(inject, with_kwargs=True))
+
+
+# module -> (format, its forward pre-hook); weak, so a dropped model takes its entry with it
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def kv_of(model) -> str:
-    return getattr(model, "lowbit_kv_cache", "none")
+    """The KV-cache format attached to `model` ("none" when none is)."""
+    entry = _ATTACHED.get(model)
+    return "none" if entry is None else entry[0]
 
 
 def cache_kwargs(model) -> dict:

@@ -73,7 +73,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
                   engine: str = "auto") -> int:
     """Generate and stream; returns the number of new tokens. kv_cache None: the model's own
     (its recipe's kv_cache, or what kvcache.attach set), else none / int8 / fp8."""
-    from lowbit.runtime.kvcache import QuantizedKVCache, check_kind, kv_of
+    from lowbit.model.kvcache import QuantizedKVCache, check_kind, kv_of
 
     kv_cache = check_kind(kv_of(model) if kv_cache is None else kv_cache, "--kv-cache")
     inputs = encode_prompt(tokenizer, prompt, chat)
@@ -118,7 +118,7 @@ def greedy_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: 
     On a CPU a batch of 8 costs little more than one sequence per step, so suites that generate for
     many prompts run several times faster this way than one prompt at a time.
     """
-    from lowbit.runtime.kvcache import cache_kwargs, kv_of
+    from lowbit.model.kvcache import cache_kwargs, kv_of
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lean = pick_engine(model) == "lean"
