@@ -39,7 +39,8 @@ from presets import write_section  # noqa: E402
 CHILD = """
 import json, sys, threading, time
 sys.path.insert(0, {root!r})
-from lowbit.calib import quantize_calibrated
+import lowbit
+from lowbit.calib import CalibConfig
 
 def rss_kb():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))
@@ -58,8 +59,8 @@ def sample():
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
-quantize_calibrated({folder!r}, "w4-g128", {method!r}, "wikipedia", {samples}, {seq_len}, out={out!r}, progress=progress,
-                    kernels=False)  # as `lowbit quantize` does: it writes the artifact and runs nothing
+lowbit.quantize({folder!r}, "w4-g128", out={out!r}, progress=progress,  # as `lowbit quantize` does
+                calib=CalibConfig(method={method!r}, data="wikipedia", samples={samples}, seq_len={seq_len}))
 report()
 status = {{l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('VmHWM', 'VmPeak'))}}
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_kb": status["VmHWM"], "peak_vm_kb": status["VmPeak"]}}))

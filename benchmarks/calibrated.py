@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lowbit  # noqa: E402
-from lowbit.calib import CalibOptions, quantize_calibrated  # noqa: E402
+import lowbit  # noqa: E402
+from lowbit.calib import CalibConfig  # noqa: E402
 from lowbit.data.corpora import wikipedia_text  # noqa: E402
 from lowbit.eval.perplexity import token_windows  # noqa: E402
-from lowbit.export.inspect import artifact_summary  # noqa: E402
+from lowbit.exporters.inspect import artifact_summary  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.recipe import PRESETS, Recipe, _int  # noqa: E402
 from presets import CAVEATS, compare, write_section  # noqa: E402
@@ -81,7 +82,7 @@ def gguf_block_bits(path: Path) -> tuple[float, str]:
 def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor, tmp: Path) -> list[dict]:
     """llama.cpp's quantizer on the F32 GGUF of the same baseline, plain and with an imatrix from the
     calibration tokens (K-quants), evaluated through llama.cpp's own logits."""
-    from lowbit.export import llamacpp
+    from lowbit.exporters import llamacpp
 
     rows = []
     f32 = llamacpp.baseline_gguf(args.model)
@@ -91,7 +92,7 @@ def llamacpp_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tensor, tm
             t0 = time.perf_counter()
             if use_imatrix:
                 if imx is None:
-                    from lowbit.export.gguf import imatrix_by_gguf_name
+                    from lowbit.exporters.gguf import imatrix_by_gguf_name
 
                     stats = llamacpp.importance_matrix(base.module, list(calib_ids))
                     imx = imatrix_by_gguf_name(stats, base.module.config.num_hidden_layers)
@@ -147,7 +148,7 @@ def llmcompressor_rows(args, base, windows: torch.Tensor, calib_ids: torch.Tenso
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
-    """The issue's quality goal: lowbit W4 g128 mean KLD <= 0.8x llama.cpp Q4_K_M's at no more bits/weight.
+    """The quality goal: lowbit W4 g128 mean KLD <= 0.8x llama.cpp Q4_K_M's at no more bits/weight.
     Plain W4 g128 and the w4-g128-m mix (INT8 v/down projections) are judged apart."""
     theirs = [r for r in rows if r["tool"] == "llama.cpp" and r["format"].startswith("Q4_K_M")]
     out = []
@@ -169,7 +170,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 def ct_block_bits(folder: Path) -> float:
     """Bits per weight of a compressed-tensors checkpoint over the decoder blocks' linear layers."""
-    from lowbit.export.inspect import _BYTES, _header, _numel
+    from lowbit.exporters.inspect import _BYTES, _header, _numel
 
     nbytes, params = 0, 0
     for f in sorted(folder.glob("*.safetensors")):
@@ -223,15 +224,15 @@ def main() -> None:
             for method in methods:
                 t0 = time.perf_counter()
                 out = Path(tmp) / f"{scheme}-{method}"
-                loaded = quantize_calibrated(args.model, rec, method, args.calib, args.samples, args.seq_len, out=out,
-                                             options=CalibOptions())
+                loaded = lowbit.quantize(args.model, rec, out=out, calib=CalibConfig(
+                    method=method, data=args.calib, samples=args.samples, seq_len=args.seq_len))
                 seconds = time.perf_counter() - t0
                 s = artifact_summary(out)
                 m = compare(base.module, loaded.module, windows)
                 rows.append({"tool": "lowbit", "format": f"{scheme} {method}", "label": rec.scheme.label,
                              "bits_per_weight": block_bits(s), "ppl": m["ppl"], "kld": m["kld"],
                              "top1": m["top1"], "seconds": seconds, "ppl_base": m["ppl_base"],
-                             "fallbacks": len(loaded.module.lowbit_calibration["rtn_fallbacks"])})
+                             "fallbacks": len(loaded.calibration["rtn_fallbacks"])})
                 print(json.dumps(rows[-1]), flush=True)
                 del loaded
                 write_table(args, rows, windows, final=False)  # a partial table survives an interrupted run

@@ -263,7 +263,7 @@ def main() -> None:
     prompts = {1: torch.tensor([text_ids[:P]]), 8: torch.tensor([text_ids[i * P:(i + 1) * P] for i in range(8)])}
     llama = {}
     if not args.no_llamacpp:
-        from lowbit.export import llamacpp
+        from lowbit.exporters import llamacpp
 
         for t in LLAMA_ROWS:
             path = llamacpp.baseline_gguf(args.model) if t == "F32" else llamacpp.llama_quantized(args.model, t)
@@ -369,7 +369,7 @@ def main() -> None:
         body += [f"| float (fp32) | 0 | 100% | {4 * head_dim} |"]
         body += [f"| {k} | {kv[k]['kld']:.5f} | {kv[k]['top1']:.2%} | {head_dim + 4} |" for k in ("int8", "fp8")]
         lc = kv["long_context"]
-        body += ["", "Goal of issue 5: INT8 KV adds <= 0.01 mean KLD at full context.", "",
+        body += ["", "Goal: INT8 KV adds <= 0.01 mean KLD at full context.", "",
                  f"The long-context suite of `lowbit eval` ({lc['n']} tokens, FP32 weights, float KV vs INT8 KV):", "",
                  "| metric | float KV | INT8 KV |", "|---|---|---|"]
         body += [f"| {k} | {v['baseline']:.3f} | {v['candidate']:.3f} |" for k, v in lc["metrics"].items()]

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from lowbit.data.corpora import wikipedia_articles  # noqa: E402
 from lowbit.eval.divergence import compare, make_samples  # noqa: E402
-from lowbit.export import llamacpp  # noqa: E402
-from lowbit.export.compressed import write_compressed  # noqa: E402
-from lowbit.export.gguf import write_gguf  # noqa: E402
+from lowbit.exporters import llamacpp  # noqa: E402
+from lowbit.exporters.compressed import write_compressed  # noqa: E402
+from lowbit.exporters.gguf import write_gguf  # noqa: E402
 from lowbit.formats import QuantSpec  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.model.quantize import quantize_model  # noqa: E402

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, sys, time, torch, transformers
 import lowbit
-from lowbit.bench.latency import max_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
+from lowbit.benchmark.latency import max_rss_bytes  # VmHWM: ru_maxrss would carry the parent's peak over exec
 transformers.utils.logging.disable_progress_bar()
 mode, folder = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()

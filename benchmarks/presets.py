@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import lowbit  # noqa: E402
 from lowbit.data.corpora import wikipedia_text  # noqa: E402
 from lowbit.eval.perplexity import token_windows  # noqa: E402
-from lowbit.export.inspect import artifact_summary  # noqa: E402
+from lowbit.exporters.inspect import artifact_summary  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.recipe import PRESETS  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.bench.latency import BenchConfig, bench_pair
+from lowbit.benchmark.latency import BenchConfig, bench_pair
 from lowbit.calib import CalibConfig, calibrate, calibrate_checkpoint, method_for
 from lowbit.errors import LowbitError
 from lowbit.eval.run import SUITES, EvalConfig, check_user_files, identity, load_pair
@@ -89,9 +89,10 @@ def quantize(model: Model | nn.Module | str | Path, recipe: Recipe | str | Path 
     if out is not None:
         prepare_out_dir(Path(out), force)  # fail before the slow part
     if isinstance(model, (str, Path)):
-        if calibrated:  # saved from the stored form, before the kernels repack the weights
+        if calibrated:  # saved from the stored form, before the kernels repack the weights; with `out`, the
+            # modules pick their kernels on first use (packing them all at once is the memory peak otherwise)
             return calibrate_checkpoint(model, rec, calib, out=out, progress=progress, force=force,
-                                        say=say or (lambda msg: None))
+                                        say=say or (lambda msg: None), kernels=out is None)
         handle = load_model(model, progress=say)
     else:
         handle = as_model(model, tokenizer)
@@ -179,12 +180,12 @@ def export(model: Model | str | Path, *, format: str, out: str | Path, type: str
     """Write a model in a runtime's format: "gguf" (llama.cpp; `type` is a GGUF type or "auto", each
     lowbit scheme to its closest type) or "compressed-tensors" (transformers, vLLM). Schemes a format
     cannot hold are refused with the nearest choices; non-exact mappings are requantized and listed in
-    the result's notes. Returns lowbit.export.gguf.GGUFExport or lowbit.export.compressed.CTExport."""
+    the result's notes. Returns lowbit.exporters.gguf.GGUFExport or lowbit.exporters.compressed.CTExport."""
     fmt, out = format.lower(), Path(out)
     if fmt not in EXPORT_FORMATS:
         raise LowbitError(f"--format '{format}': unknown; use gguf or compressed-tensors")
     if fmt == "gguf":
-        from lowbit.export.gguf import normalize_type, write_gguf
+        from lowbit.exporters.gguf import normalize_type, write_gguf
 
         gguf_type = normalize_type(type)
         if out.exists() and not force:
@@ -196,7 +197,7 @@ def export(model: Model | str | Path, *, format: str, out: str | Path, type: str
     handle = load_model(model, progress=say) if isinstance(model, (str, Path)) else as_model(model)
     if fmt == "gguf":
         return write_gguf(handle.module, out, gguf_type, handle.source, handle.folder, handle.imatrix, progress=progress)
-    from lowbit.export.compressed import write_compressed
+    from lowbit.exporters.compressed import write_compressed
 
     return write_compressed(handle, out, force, progress)
 

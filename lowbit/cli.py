@@ -122,7 +122,7 @@ def quantize(
             notes.setdefault(p.note, []).append(p.name)
     for note, names in notes.items():
         err.print(f"[yellow]note:[/] {note} in {len(names)} module(s), e.g. {names[0]}", highlight=False)
-    from lowbit.export.inspect import artifact_summary
+    from lowbit.exporters.inspect import artifact_summary
 
     s = artifact_summary(out_dir)
     n_q = sum(p.spec is not None for p in plans)
@@ -136,7 +136,7 @@ def quantize(
 @_handle_errors
 def export(
     artifact: str = typer.Argument(..., help="A lowbit artifact folder (any other model `quantize` accepts is exported as float)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp) or compressed-tensors (transformers, vLLM)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp) or compressed-tensors (transformers; the format vLLM reads, untested with vLLM here)."),
     gguf_type: str = typer.Option("auto", "--type", "-t",
                                   help="GGUF tensor type: auto (each lowbit scheme to its closest type, exact ones block for "
                                        "block), F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, or a llama.cpp K-quant mix: "
@@ -145,7 +145,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
 ) -> None:
     """Export a lowbit artifact to a runtime's format: a GGUF file for llama.cpp, or a
-    compressed-tensors folder for transformers and vLLM. Schemes a format cannot hold are refused
+    compressed-tensors folder for transformers (and vLLM, untested). Schemes a format cannot hold are refused
     with the nearest types; non-exact mappings are requantized and listed.
 
     Examples: lowbit export out/smollm2-w4 --format gguf --type Q4_K_M --out out/smollm2.gguf
@@ -217,7 +217,7 @@ def info(
 
     Example: lowbit info out/smollm2-w4
     """
-    from lowbit.export.inspect import artifact_summary
+    from lowbit.exporters.inspect import artifact_summary
 
     s = artifact_summary(artifact)
     if as_json:
@@ -430,7 +430,7 @@ def bench(
     Example: lowbit bench smollm2-135m out/smollm2-int8 --quick
     """
     from lowbit import api
-    from lowbit.bench.latency import BenchConfig
+    from lowbit.benchmark.latency import BenchConfig
 
     cfg = BenchConfig(prompt_tokens=prompt_tokens, output_tokens=output_tokens, batch_size=batch_size,
                       concurrency=concurrency, engine=engine, kv_cache=kv_cache,

@@ -99,7 +99,7 @@ def test_every_unit_in_the_package_has_a_layer():
 def test_the_checker_catches_an_upward_a_sideways_and_a_private_import():
     table = layers_from_doc()
     up = "def f():\n    from lowbit.eval import run\n"
-    sideways = "from lowbit.bench.latency import BenchConfig\n"
+    sideways = "from lowbit.benchmark.latency import BenchConfig\n"
     private = "from lowbit.model.skeleton import _libc_trim\n"
     assert violations(up, "lowbit.model.load", table)
     assert violations(sideways, "lowbit.eval.run", table)

@@ -105,7 +105,7 @@ def test_gemma3_loads_and_answers():
 
 
 def test_default_gate_passes_int8_and_fails_a_damaged_candidate(smol):
-    """The issue's check: an honest INT8 passes the default gate (quick sizes), one 2-bit layer fails it."""
+    """An honest INT8 passes the default gate (quick sizes); one 2-bit layer fails it."""
     from lowbit.eval.gate import evaluate as gate_eval
     from lowbit.eval.gate import load_spec
     from lowbit.eval.run import EvalConfig, evaluate

@@ -212,9 +212,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
 def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, col_zero) -> None:
     """Quantize W's columns in place order into Q, spreading each column's error over the later ones.
 
-    The per-column rounding is affine.quantize / affine.dequantize written out on (out,) vectors with
-    the group's parameters converted once: the same arithmetic, in a few ops instead of a few dozen
-    (this loop runs once per input column of every layer)."""
+    Each column is rounded by affine's round_to_grid / grid_values, the rule affine.quantize /
+    affine.dequantize apply, called directly on (out,) vectors with the group's parameters converted
+    to float once: a few ops per column instead of a few dozen (this loop runs once per input column
+    of every layer)."""
     rows, cols = W.shape
     qmin, qmax = affine.qrange(cspec.bits, cspec.symmetric)
     params = None if col_scale is None else _column_params(col_scale, col_zero)
@@ -235,15 +236,8 @@ def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, co
                 params = _column_params(col_scale, col_zero)
             s, z, m = params
             col = W1[:, i]  # (out,)
-            if m is not None:  # float zero domain: q = round((x - m) / s), x_hat = s * q + m
-                q = torch.round((col - m) / s).clamp_(qmin, qmax)
-                dq = q * s + m
-            elif z is not None:  # int zero point: q = round(x / s) + z, x_hat = s * (q - z)
-                q = (torch.round(col / s) + z).clamp_(qmin, qmax)
-                dq = (q - z) * s
-            else:
-                q = torch.round(col / s).clamp_(qmin, qmax)
-                dq = q * s
+            q = affine.round_to_grid(col, s, qmin, qmax, zero=z, offset=m)  # float codes
+            dq = affine.grid_values(q, s, zero=z, offset=m)
             Q[:, c] = q
             err = (col - dq) / d[i]  # (out,)
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)

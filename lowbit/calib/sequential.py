@@ -6,7 +6,7 @@
         run the calibration inputs through it, hooks accumulating per-Linear statistics
         fold scales (AWQ, SmoothQuant), quantize its Linear layers (RTN, MSE clip, GPTQ, AWQ clip)
         run the quantized block to produce the next block's inputs
-    quantize the head if the recipe asks (RTN), round the kept tensors, attach plan and records
+    quantize the head if the recipe asks (RTN), round the kept tensors, return plan and records (Calibrated)
 
 Blocks not being worked on stay on the meta device (never read) or are already quantized, so peak
 memory is about one float block, the calibration activations (samples x seq_len x hidden, twice)

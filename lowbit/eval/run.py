@@ -51,7 +51,7 @@ def identity(model: Model) -> dict:
 
 
 def check_user_files(paths: tuple[str, ...]) -> None:
-    """Validate user JSONL suites before any model is loaded, so a bad line fails in a second."""
+    """Validate user JSONL suites before any model is loaded, so a bad line fails at once."""
     from lowbit.eval.suites import user
 
     for path in paths:

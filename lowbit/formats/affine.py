@@ -11,6 +11,11 @@ m = min(x) is stored as a float (scale_dtype):  q = clamp(round((x - m) / s)),  
 
 Scales and zero points have shape (rows, n_groups): rows = 1 for per-tensor, the output rows
 otherwise; n_groups = 1 except for group-wise.
+
+The rule itself is written once, in `round_to_grid` (value -> code) and `grid_values` (code ->
+value). Everything else that rounds to integers uses them: `quantize` / `dequantize` here, GPTQ's
+column loop, and, through `quantize_symmetric_int8`, int8 activations, the int8 KV cache and NF4's
+double-quantized scales. torch.round rounds halves to even, so every caller breaks ties the same way.
 """
 
 from __future__ import annotations
@@ -75,21 +80,71 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = hi - lo
     scale = _store_scale(torch.where(span > 0, span / qmax, torch.ones_like(span)), spec)
-    zero = torch.clamp(torch.round(-lo / scale.float()), qmin, qmax).to(torch.uint8)
+    zero = round_to_grid(-lo, scale.float(), qmin, qmax).to(torch.uint8)
     return scale, zero
+
+
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int, *,
+                  zero: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes of x on the grid `scale`, as floats:  clamp(round((x - offset) / scale) + zero, qmin, qmax).
+
+    `offset` is the float zero domain (subtracted before the division, so the grid starts exactly at
+    it); `zero` is the integer zero point (added after rounding, so it moves the codes, not the grid).
+    Formats use at most one of them; symmetric ones neither. Ties round half to even (torch.round).
+
+    The codes come back in floating point (x's dtype promoted with scale's) because the callers
+    differ in what they need next: an integer storage dtype, or (GPTQ) the dequantized value and the
+    rounding error. scale, zero and offset broadcast to x's shape, which the codes keep.
+
+    Only the first operation allocates; the rest work in place on that fresh tensor, so x is never
+    written and a caller rounding one column at a time pays for one temporary per call."""
+    q = torch.div(x, scale) if offset is None else torch.sub(x, offset).div_(scale)
+    q.round_()
+    if zero is not None:
+        q.add_(zero)
+    return q.clamp_(qmin, qmax)
+
+
+def grid_values(q: torch.Tensor, scale: torch.Tensor | float, *, zero: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The values float codes q stand for, the inverse of `round_to_grid`:  scale * (q - zero) + offset.
+
+    zero and offset mean what they mean in `round_to_grid` and broadcast to q's shape. Like it, only
+    the first operation allocates, which is why q must already be floating point."""
+    v = torch.mul(q, scale) if zero is None else torch.sub(q, zero).mul_(scale)
+    return v if offset is None else v.add_(offset)
+
+
+INT8_SYMMETRIC_MAX = 127
+
+
+def quantize_symmetric_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """int8 codes round(x / scale) clamped to [-127, 127]: activations, the KV cache, NF4's scales.
+
+    The range stops at -127, not -128, so the grid is symmetric: -x gets exactly the negated code,
+    and a value clipped by a fixed (calibrated) scale lands on +-127 whichever side it is on. (The
+    int8 weights of `quantize` keep qrange's [-128, 127], the stored format's range.) Dequantize
+    with codes.float() * scale."""
+    return round_to_grid(x, scale, -INT8_SYMMETRIC_MAX, INT8_SYMMETRIC_MAX).to(torch.int8)
+
+
+def _group_params(scale: torch.Tensor, zero_point: torch.Tensor | None):
+    """(scale, int zero point or None, float offset or None) as float32, shaped to broadcast over
+    as_groups' (rows, n_groups, group_len)."""
+    s = scale.float().unsqueeze(-1)
+    if zero_point is None:
+        return s, None, None
+    if zero_point.is_floating_point():  # float zero domain: an offset
+        return s, None, zero_point.float().unsqueeze(-1)
+    return s, zero_point.float().unsqueeze(-1), None
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     """Integer codes with x's 2-D shape: int8 if symmetric, uint8 (0..2**b-1) otherwise."""
     g = as_groups(x.float(), spec)  # (rows, n_groups, group_len)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
-    if zero_point is not None and zero_point.is_floating_point():  # float zero domain: an offset
-        q = torch.round((g - zero_point.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
-    else:
-        q = torch.round(g / scale.float().unsqueeze(-1))
-    if zero_point is not None and not zero_point.is_floating_point():
-        q = q + zero_point.float().unsqueeze(-1)
-    q = q.clamp(qmin, qmax).to(torch.int8 if spec.symmetric else torch.uint8)
+    s, z, m = _group_params(scale, zero_point)
+    q = round_to_grid(g, s, qmin, qmax, zero=z, offset=m).to(torch.int8 if spec.symmetric else torch.uint8)
     return q.reshape(x.shape if x.ndim == 2 else (1, -1) if x.ndim == 1 else (x.shape[0], -1))
 
 
@@ -97,8 +152,5 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of quantize: s * (q - z), returned with q's 2-D shape in `dtype`."""
     g = as_groups(q, spec).float()  # (rows, n_groups, group_len)
-    if zero_point is not None and zero_point.is_floating_point():
-        return (g * scale.float().unsqueeze(-1) + zero_point.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
-    if zero_point is not None:
-        g = g - zero_point.float().unsqueeze(-1)
-    return (g * scale.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
+    s, z, m = _group_params(scale, zero_point)
+    return grid_values(g, s, zero=z, offset=m).reshape(q.shape).to(dtype)

@@ -1,6 +1,6 @@
 """Import a compressed-tensors checkpoint (llm-compressor's format, and lowbit's own export) as a float
 model for evaluation: each quantized weight is decompressed by the compressed-tensors library.
-Writing that format is lowbit.export.compressed."""
+Writing that format is lowbit.exporters.compressed."""
 
 from __future__ import annotations
 

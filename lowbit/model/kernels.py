@@ -1,7 +1,7 @@
 """CPU matmul kernels for QLinear, chosen per format and shape.
 
 torch ships fast CPU kernels for weight-only INT8 and INT4, but only for bf16 activations and a
-specific packed layout; given fp32 activations the same ops run 10-30x slower (PEERS.md). Each
+specific packed layout; given fp32 activations the same ops run far slower. Each
 kernel here therefore owns its activation dtype: it casts the input to what the kernel wants and the
 output back, so a caller can never reach the slow combination by accident.
 

@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 from lowbit.errors import LowbitError
+from lowbit.formats.affine import quantize_symmetric_int8
 
 KV_KINDS = ("none", "int8", "fp8")
 _FP8 = torch.float8_e4m3fn
@@ -40,7 +41,7 @@ def quantize_kv(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / _QMAX[kind], torch.ones_like(amax))
     if kind == "int8":
-        return torch.clamp(torch.round(xf / scale), -127, 127).to(torch.int8), scale
+        return quantize_symmetric_int8(xf, scale), scale
     return (xf / scale).to(_FP8), scale
 
 

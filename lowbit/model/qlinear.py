@@ -25,6 +25,7 @@ from torch import nn
 
 from lowbit.formats import QTensor, QuantSpec, dequantize_tensor, quantize_tensor
 from lowbit.formats import packing
+from lowbit.formats.affine import quantize_symmetric_int8
 from lowbit import native
 from lowbit.model import kernels
 from lowbit.native import layout
@@ -158,7 +159,7 @@ class QLinear(nn.Module):
         else:
             amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
             sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-        xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
+        xq = quantize_symmetric_int8(x2, sx)
         return torch._int_mm(xq, self.qdata.t()).float() * sx * self.scale.float().reshape(1, -1)
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 
 Everything here checks the input before anything heavy is loaded, so a missing path, a truncated
 safetensors file or a corrupt GGUF gives a LowbitError that names the file and the fix.
-GGUF files are dequantized once into a safetensors folder in the cache; later loads take seconds.
+GGUF files are dequantized once into a safetensors folder in the cache; later loads read that folder.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ runs each kernel on small fixed inputs against torch (benchmarks/native_paths.py
 code off for the process with one line naming the kernel, the path and the CPU, and lowbit runs on
 torch's kernels.
 
-Why C through ctypes and not a torch C++ extension: the file compiles in about a second per path
-(benchmarks/native_paths.py) with nothing but a C compiler (a torch extension needs ninja and torch's headers, and a minute), and the kernels
-need no torch API. Why not torch.compile: its CPU code generation needs the same compiler, takes
-minutes per model, and would still call torch's kernels for the matmuls.
+Why C through ctypes and not a torch C++ extension: the one file compiles quickly with nothing but a
+C compiler (build times per path: docs/BENCHMARKS.md, section "Native kernel paths"), while a torch
+extension needs ninja and torch's headers and compiles far longer, and the kernels need no torch API.
+Why not torch.compile: its CPU code generation needs the same compiler, compiles again for every
+model, and would still call torch's kernels for the matmuls.
 
 Builds go to $LOWBIT_CACHE/native (default ~/.cache/lowbit/native), named by a hash of the source,
 compiler and flags, written to a temporary name and renamed into place. LOWBIT_NATIVE_SANITIZE=1
@@ -64,8 +65,9 @@ NEEDS["avx512vnni"] = NEEDS["avx512"] | F_VNNI
 
 # Products of fewer rows than this run on the native kernels (int8 activations); from here on
 # (prefill, whole-sequence evaluation) the weights are dequantized to float once per call for one float
-# GEMM, so long inputs keep float activations. benchmarks/native_paths.py times both sides of the limit:
-# INT8's float GEMM catches up with its native kernel around here; INT4's native kernel stays faster.
+# GEMM, so long inputs keep float activations. benchmarks/native_paths.py times both sides of the limit
+# (docs/BENCHMARKS.md, section "Native kernel paths"): INT8's float GEMM catches up with its native
+# kernel around here; INT4's native kernel stays faster.
 DEQUANT_ROWS = 64
 MAX_ROWS = DEQUANT_ROWS - 1
 

@@ -1,1 +1,1 @@
-"""Running quantized models: KV-cache quantization and the lean decode loop."""
+"""Running quantized models: the lean decode loop, its native decode step and text generation."""

@@ -1,8 +1,8 @@
 """The lean decode loop: generation without transformers' per-token machinery.
 
 At 135M parameters a token costs less in memory traffic than in Python: transformers' generate
-spends most of each step building masks, cache objects and logits processors (PEERS.md: 15.7 tok/s
-for HF generate against 52 for llama.cpp at FP32). This loop runs a Llama-layout decoder with:
+spends most of each step building masks, cache objects and logits processors.
+This loop runs a Llama-layout decoder with:
 
 - static KV buffers per layer (float, or int8/fp8 with a scale per token and head), written in place;
 - the model's own modules for every matmul (so QLinear's fast kernels are used; q/k/v and gate/up

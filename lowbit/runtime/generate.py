@@ -71,8 +71,9 @@ def eos_ids(model, tokenizer) -> list[int]:
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                   chat: bool = True, on_text: Callable[[str], None] | None = None, kv_cache: str | None = None,
                   engine: str = "auto") -> int:
-    """Generate and stream; returns the number of new tokens. kv_cache None: the model's own
-    (its recipe's kv_cache, or what kvcache.attach set), else none / int8 / fp8."""
+    """Generate and stream; returns the number of new tokens. kv_cache None: the format attached to
+    the module (lowbit.model.kvcache.attach, as a handle's kv_cache sets it; an artifact's recipe sets
+    it on load), else none / int8 / fp8."""
     from lowbit.model.kvcache import QuantizedKVCache, check_kind, kv_of
 
     kv_cache = check_kind(kv_of(model) if kv_cache is None else kv_cache, "--kv-cache")
@@ -115,8 +116,9 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool
 def greedy_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy continuations of several prompts (1-D id tensors), batched with left padding.
 
-    On a CPU a batch of 8 costs little more than one sequence per step, so suites that generate for
-    many prompts run several times faster this way than one prompt at a time.
+    Decoding on a CPU is bound by reading the weights, and one step reads them once for the whole
+    batch, so a batch costs little more per step than one sequence: suites that generate for many
+    prompts batch them rather than decode one prompt at a time.
     """
     from lowbit.model.kvcache import cache_kwargs, kv_of
 

@@ -1,6 +1,7 @@
 """Tier 4 (end to end, tiny): quantize -> save -> reload -> identical logits -> generate."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,19 @@ def test_sharded_checkpoint_loads_both_ways(tmp_path, ids):
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, in_mem.module(ids).logits)
     assert len(in_mem.source["sha256"]) == 64
+
+
+def test_an_artifact_written_by_lowbit_0_1_0_still_loads_to_its_logits():
+    """tests/data/artifact-0.1.0: a GPTQ W4 artifact of the tiny random test model (not real weights),
+    written by lowbit 0.1.0 before the public API moved to lowbit.Model, with the logits that release
+    computed from it. The format is unchanged, so this release must read it to the same floats."""
+    from safetensors.torch import load_file
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    want = load_file(str(data / "artifact-0.1.0-logits.safetensors"))
+    m = lowbit.load(data / "artifact-0.1.0")
+    assert m.quantized and m.is_artifact and m.recipe.algorithm == "gptq"
+    assert set(m.imatrix) == {p.name for p in m.plan if p.spec is not None and p.name != "lm_head"}
+    assert m.calibration["method"] == "gptq" and m.meta["lowbit_version"] == "0.1.0"
+    with torch.no_grad():
+        assert torch.equal(m(want["ids"]).logits, want["logits"])

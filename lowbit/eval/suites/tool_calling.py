@@ -34,7 +34,7 @@ CATEGORIES = ("simple_python", "multiple")
 MAX_WORST = 10
 SHOW_CHARS = 240
 
-# (loaded model, tokenized prompt, max_new_tokens) -> the generated text
+# (lowbit.Model handle, tokenized prompt, max_new_tokens) -> the generated text
 GenerateFn = Callable[[Any, dict, int], str]
 
 

@@ -13,8 +13,8 @@ from gguf import GGUFReader
 
 from lowbit.data.corpora import wikipedia_articles
 from lowbit.eval.divergence import compare, make_samples
-from lowbit.export import llamacpp
-from lowbit.export.gguf import write_gguf
+from lowbit.exporters import llamacpp
+from lowbit.exporters.gguf import write_gguf
 from lowbit.formats import QuantSpec
 from lowbit.model.load import load_model
 from lowbit.model.quantize import quantize_model
@@ -69,7 +69,7 @@ def test_f32_baseline_in_llama_cpp_matches_lowbit(smol, samples, base_gguf):
 def test_exact_q4_1_export_runs_in_llama_cpp_and_agrees(smol, samples, tmp_path):
     import copy
 
-    from lowbit.export.gguf import source_gguf
+    from lowbit.exporters.gguf import source_gguf
 
     model = copy.deepcopy(smol.module)
     spec = QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False, zero_domain="float",

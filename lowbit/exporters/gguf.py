@@ -54,10 +54,10 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.gguf_tensors import SUPPORTED_ARCHS, check_arch, imatrix_by_gguf_name, maybe_permute, model_weights
-from lowbit.export.gguf_types import (ALIASES, ALL_TYPES, LLAMA_CPP_TYPES, PY_TYPES, exact_blocks, nearest_type,
+from lowbit.exporters.gguf_tensors import SUPPORTED_ARCHS, check_arch, imatrix_by_gguf_name, maybe_permute, model_weights
+from lowbit.exporters.gguf_types import (ALIASES, ALL_TYPES, LLAMA_CPP_TYPES, PY_TYPES, exact_blocks, nearest_type,
                                       normalize_type, quantize_as)
-from lowbit.export.gguf_vocab import add_tokenizer_kvs, source_gguf
+from lowbit.exporters.gguf_vocab import add_tokenizer_kvs, source_gguf
 from lowbit.formats.ggml import (BLOCK, pack_q4_0, pack_q4_1, pack_q8_0, quantize_q4_0, quantize_q4_1,
                                  quantize_q8_0)
 
@@ -193,7 +193,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
 
 
 def _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress) -> GGUFExport:
-    from lowbit.export import llamacpp
+    from lowbit.exporters import llamacpp
 
     f32 = out.resolve().parent / f".{out.name}.f32-{uuid.uuid4().hex[:8]}.gguf"
     try:

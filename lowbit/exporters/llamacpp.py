@@ -97,10 +97,10 @@ def _cache() -> Path:
 
 def baseline_gguf(model: str = "smollm2-135m") -> Path:
     """An F32 GGUF of lowbit's FP32 baseline of `model`, written once into the cache."""
-    from lowbit.export.gguf import write_gguf
+    from lowbit.exporters.gguf import write_gguf
     from lowbit.model.load import load_model
 
-    from lowbit.export.gguf import SUPPORTED_ARCHS, source_gguf
+    from lowbit.exporters.gguf import SUPPORTED_ARCHS, source_gguf
 
     loaded = load_model(model)
     path = _cache() / f"{Path(str(model)).stem}-{loaded.source['sha256'][:12]}-F32.gguf"

@@ -8,22 +8,12 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from lowbit.errors import LowbitError
-from lowbit.export import gguf as g
+from lowbit.exporters import gguf as g
 from lowbit.formats import QuantSpec
 from lowbit.model.quantize import quantize_model
 from lowbit.recipe import Recipe
 from tests.conftest import make_tiny_llama
-
-
-def _hard_input() -> torch.Tensor:
-    torch.manual_seed(1)
-    w = torch.randn(16, 256) * 0.03
-    w[0, :32] = 0  # an all-zero block
-    w[1, :32] = torch.arange(32) / 31.0  # many exact ties after scaling
-    w[2, :32] = -w[1, :32]  # largest magnitude negative (Q4_0 takes its sign)
-    w[3, 32:64] = 1e-8  # tiny scale
-    w[4, :] = torch.randn(256) * 100  # large values
-    return w
+from tests.formats.test_ggml import _hard_input  # ties, zero blocks, tiny and huge scales
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])

@@ -344,7 +344,7 @@ def peak_rss_subprocess(model_path: str | None, config: BenchConfig, text: str =
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # so the child imports this lowbit even if not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    code = "from lowbit.bench.latency import _rss_child; _rss_child()"
+    code = "from lowbit.benchmark.latency import _rss_child; _rss_child()"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise LowbitError(f"peak memory of model '{model_path}': the measuring subprocess failed "

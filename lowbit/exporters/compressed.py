@@ -1,5 +1,6 @@
-"""compressed-tensors export: a lowbit model to the checkpoint folder transformers and vLLM load
-(`quantization_config.quant_method: compressed-tensors`), written by the compressed-tensors library.
+"""compressed-tensors export: a lowbit model to the checkpoint folder format transformers loads and
+vLLM reads (`quantization_config.quant_method: compressed-tensors`; loading in vLLM is untested here),
+written by the compressed-tensors library.
 
 Each QLinear becomes an nn.Linear carrying a compressed-tensors QuantizationScheme whose qparams
 (weight_scale, weight_zero_point, input_scale) are lowbit's own; the library's ModelCompressor then

@@ -1,4 +1,4 @@
-"""lowbit.bench.latency on the tiny model: structure, counts and consistency (no timing thresholds)."""
+"""lowbit.benchmark.latency on the tiny model: structure, counts and consistency (no timing thresholds)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.bench import latency
-from lowbit.bench.latency import BenchConfig, bench_pair, peak_rss_subprocess
+from lowbit.benchmark import latency
+from lowbit.benchmark.latency import BenchConfig, bench_pair, peak_rss_subprocess
 from lowbit.errors import LowbitError
 from lowbit.model.handle import weight_bytes
 from lowbit.model.load import load_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.compressed import write_compressed
+from lowbit.exporters.compressed import write_compressed
 from lowbit.model.handle import Model
 from lowbit.formats import QuantSpec
 from lowbit.model.load import load_model
