@@ -76,45 +76,68 @@ def zero_of(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return tensors.get("zero_point", tensors.get("offset"))
 
 
-def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> QTensor:
-    w = _as_2d(w).detach()
-    rows, cols = w.shape
-    if spec.kind == "int":
-        scale, zero = affine.choose_qparams(w, spec)
-        return int_qtensor(spec, affine.quantize(w, scale, zero, spec), scale, zero)
-    if spec.kind == "nf4":
-        absmax = affine.as_groups(w.float(), spec).abs().amax(dim=-1)  # (rows, n_groups)
-        if spec.double_quant:
-            aq, ascale, amean = nf4.double_quantize(absmax)
-            absmax = nf4.double_dequantize(aq, ascale, amean, tuple(absmax.shape))
-            stored = {"absmax_q": aq, "absmax_scale": ascale, "absmax_mean": amean}
-        else:
-            stored = {"absmax": absmax}
-        codes = nf4.quantize(w, absmax, spec)
-        return QTensor(spec, (rows, cols), {"qdata": packing.pack(codes, 4), **stored})
+def _quantize_int(w: torch.Tensor, spec: QuantSpec) -> QTensor:
+    scale, zero = affine.choose_qparams(w, spec)
+    return int_qtensor(spec, affine.quantize(w, scale, zero, spec), scale, zero)
+
+
+def _dequantize_int(qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
+    t = qt.tensors
+    w = affine.dequantize(int_codes(qt), t["scale"], zero_of(t), qt.spec, dtype)
+    if "perm" in t:  # back to the input order: stored column j is input column perm[j]
+        out = torch.empty_like(w)
+        out[:, t["perm"].long()] = w
+        return out
+    return w
+
+
+def _quantize_nf4(w: torch.Tensor, spec: QuantSpec) -> QTensor:
+    absmax = affine.as_groups(w.float(), spec).abs().amax(dim=-1)  # (rows, n_groups)
+    if spec.double_quant:
+        aq, ascale, amean = nf4.double_quantize(absmax)
+        absmax = nf4.double_dequantize(aq, ascale, amean, tuple(absmax.shape))
+        stored = {"absmax_q": aq, "absmax_scale": ascale, "absmax_mean": amean}
+    else:
+        stored = {"absmax": absmax}
+    codes = nf4.quantize(w, absmax, spec)
+    return QTensor(spec, tuple(w.shape), {"qdata": packing.pack(codes, 4), **stored})
+
+
+def _dequantize_nf4(qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
+    spec, t = qt.spec, qt.tensors
+    rows, cols = qt.shape
+    codes = packing.unpack(t["qdata"], 4, cols)
+    if spec.double_quant:
+        absmax = nf4.double_dequantize(t["absmax_q"], t["absmax_scale"], t["absmax_mean"], (rows, cols // spec.group_size))
+    else:
+        absmax = t["absmax"]
+    return nf4.dequantize(codes, absmax, spec, dtype)
+
+
+def _quantize_fp8(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     scale = fp8.choose_scale(w, spec)
-    return QTensor(spec, (rows, cols), {"qdata": fp8.quantize(w, scale, spec), "scale": scale})
+    return QTensor(spec, tuple(w.shape), {"qdata": fp8.quantize(w, scale, spec), "scale": scale})
+
+
+def _dequantize_fp8(qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
+    return fp8.dequantize(qt.tensors["qdata"], qt.tensors["scale"], qt.spec, dtype)
+
+
+# kind -> (quantize a 2-D weight, dequantize a QTensor): the one dispatch on the format kind
+CODECS = {
+    "int": (_quantize_int, _dequantize_int),
+    "nf4": (_quantize_nf4, _dequantize_nf4),
+    "fp8_e4m3": (_quantize_fp8, _dequantize_fp8),
+    "fp8_e5m2": (_quantize_fp8, _dequantize_fp8),
+}
+
+
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> QTensor:
+    return CODECS[spec.kind][0](_as_2d(w).detach(), spec)
 
 
 def dequantize_tensor(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    spec, t = qt.spec, qt.tensors
-    rows, cols = qt.shape
-    if spec.kind == "int":
-        w = affine.dequantize(int_codes(qt), t["scale"], zero_of(t), spec, dtype)
-        if "perm" in t:  # back to the input order: stored column j is input column perm[j]
-            out = torch.empty_like(w)
-            out[:, t["perm"].long()] = w
-            return out
-        return w
-    if spec.kind == "nf4":
-        codes = packing.unpack(t["qdata"], 4, cols)
-        if spec.double_quant:
-            n_groups = cols // spec.group_size
-            absmax = nf4.double_dequantize(t["absmax_q"], t["absmax_scale"], t["absmax_mean"], (rows, n_groups))
-        else:
-            absmax = t["absmax"]
-        return nf4.dequantize(codes, absmax, spec, dtype)
-    return fp8.dequantize(t["qdata"], t["scale"], spec, dtype)
+    return CODECS[qt.spec.kind][1](qt, dtype)
 
 
 def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

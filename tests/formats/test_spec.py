@@ -32,3 +32,10 @@ def test_invalid_specs_name_the_field(fields, word):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(LowbitError, match="unknown field.*bitz"):
         QuantSpec.from_dict({"kind": "int", "bitz": 4})
+
+
+def test_every_kind_has_a_codec():
+    from lowbit.formats.qtensor import CODECS
+    from lowbit.formats.spec import KINDS
+
+    assert set(CODECS) == set(KINDS)
