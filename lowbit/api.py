@@ -12,6 +12,7 @@ The command line is a thin layer over these functions.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval.run import SUITES, EvalConfig, check_user_files, identity, load_pair
 from lowbit.eval.run import evaluate as _evaluate
 from lowbit.formats.spec import QuantSpec
-from lowbit.model.artifact import prepare_out_dir, save_artifact
+from lowbit.model.artifact import out_target, output_lock, prepare_out_dir, prepare_out_file, save_artifact
 from lowbit.model.handle import Model, as_model
 from lowbit.model.load import load_model, load_streaming
 from lowbit.model.quantize import quantize_model
@@ -41,6 +42,51 @@ EXPORT_FORMATS = ("gguf", "compressed-tensors")
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _input_paths(model) -> list[Path]:
+    """The files and folders a model argument reads: its path (a bundled name: the package files that
+    ship it), a loaded handle's folder and its float source, and for a GGUF or bundled model the cache
+    folders its converted copy lives in. Only compared with --out, never read."""
+    from lowbit.model import sources
+
+    paths: list[Path] = []
+    kind = None
+    if isinstance(model, (str, Path)):
+        src = sources.resolve(model)  # a missing model fails here, before any work
+        kind = src.kind
+        if kind == "bundled":
+            try:
+                paths += sources.bundled_parts(sources.BUNDLED[src.name])
+            except LowbitError:
+                pass  # not installed: loading says so
+        else:
+            paths.append(src.path)
+    elif isinstance(model, Model):
+        kind = (model.source or {}).get("kind")
+        if model.folder is not None:
+            paths.append(Path(model.folder))
+        src_path = (model.source or {}).get("path")  # an artifact's names where its float model once was: not used
+        if not model.is_artifact and kind != "bundled" and isinstance(src_path, str) and Path(src_path).is_absolute():
+            paths.append(Path(src_path))
+    if kind in ("gguf", "bundled"):
+        paths += [sources.cache_root() / "models", sources.cache_root() / "gguf"]
+    return paths
+
+
+def check_out_vs_input(out: str | Path, model, what: str = "output folder") -> None:
+    """Refuse an --out that is the input model, lies inside it or holds it (with --force it would
+    replace the source), and the paths lowbit.model.artifact.out_target refuses, before any work."""
+    target = out_target(out, what)
+    for p in _input_paths(model):
+        try:
+            src = Path(os.path.abspath(p)).resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if target == src or src in target.parents or target in src.parents:
+            how = "is" if target == src else "is inside" if src in target.parents else "holds"
+            raise LowbitError(f"{what} {out}: {how} the input model's {src}; writing there would replace or mix "
+                              f"with the source; fix: choose an --out outside {src}")
 
 
 # -- load / quantize / save ------------------------------------------------------------------------
@@ -86,8 +132,15 @@ def quantize(model: Model | nn.Module | str | Path, recipe: Recipe | str | Path 
     calibrated = calib is not None or rec.algorithm != "rtn"
     if calibrated and calib is None:
         calib = CalibConfig()
-    if out is not None:
+    if out is None:
+        return _quantize(model, rec, calib, calibrated, None, force, tokenizer, progress, say)
+    check_out_vs_input(out, model)
+    with output_lock(out, force):  # no other run writes out until this one has renamed its artifact there
         prepare_out_dir(Path(out), force)  # fail before the slow part
+        return _quantize(model, rec, calib, calibrated, out, force, tokenizer, progress, say)
+
+
+def _quantize(model, rec: Recipe, calib, calibrated: bool, out, force: bool, tokenizer, progress, say) -> Model:
     if isinstance(model, (str, Path)):
         if calibrated:  # saved from the stored form, before the kernels repack the weights; with `out`, the
             # modules pick their kernels on first use (packing them all at once is the memory peak otherwise)
@@ -110,7 +163,10 @@ def quantize(model: Model | nn.Module | str | Path, recipe: Recipe | str | Path 
 
 def save(model: Model, out: str | Path, *, force: bool = False) -> Path:
     """Write a quantized model as a lowbit artifact folder (atomically). The model needs its tokenizer."""
-    return save_artifact(as_model(model), out, force)
+    handle = as_model(model)
+    check_out_vs_input(out, handle)
+    with output_lock(out, force):
+        return save_artifact(handle, out, force)
 
 
 # -- evaluate / gate / bench -----------------------------------------------------------------------
@@ -185,18 +241,31 @@ def export(model: Model | str | Path, *, format: str, out: str | Path, type: str
     if fmt not in EXPORT_FORMATS:
         raise LowbitError(f"--format '{format}': unknown; use gguf or compressed-tensors")
     if fmt == "gguf":
-        from lowbit.exporters.gguf import normalize_type, write_gguf
+        from lowbit.exporters.gguf import normalize_type
 
         gguf_type = normalize_type(type)
-        if out.exists() and not force:
-            raise LowbitError(f"output file {out}: already exists; fix: choose another --out, or pass --force")
     elif type != "auto":
         raise LowbitError("--type: applies to --format gguf only; compressed-tensors keeps each module's lowbit scheme")
-    else:
-        prepare_out_dir(out, force)
+    what = "output file" if fmt == "gguf" else "output folder"
+    check_out_vs_input(out, model, what)
+    with output_lock(out, force, what):  # held from these checks to the rename
+        if fmt == "gguf":
+            prepare_out_file(out, force)
+        else:
+            prepare_out_dir(out, force)
+        return _export(model, fmt, out, gguf_type if fmt == "gguf" else None, force, progress, say)
+
+
+def _export(model, fmt: str, out: Path, gguf_type: str | None, force: bool, progress, say):
     handle = load_model(model, progress=say) if isinstance(model, (str, Path)) else as_model(model)
     if fmt == "gguf":
-        return write_gguf(handle.module, out, gguf_type, handle.source, handle.folder, handle.imatrix, progress=progress)
+        from lowbit.exporters.gguf import write_gguf
+
+        # an artifact's lowbit.json names where its float model was; files outside the artifact are not read
+        # from it (a bundled source is still used: gguf_vocab verifies the installed file by its sha256)
+        source = handle.source if not handle.is_artifact or handle.source.get("kind") == "bundled" else None
+        return write_gguf(handle.module, out, gguf_type, source, handle.folder, handle.imatrix,
+                          name=str((handle.source or {}).get("name") or handle.name), progress=progress, force=force)
     from lowbit.exporters.compressed import write_compressed
 
     return write_compressed(handle, out, force, progress)
@@ -209,17 +278,56 @@ def export_summary(res) -> str:
     return ", ".join(sorted(set(res.formats.values())))
 
 
-def check_generate_options(prompt: str, kv_cache: str | None, engine: str) -> None:
-    """Bad generation options fail before any model loads."""
+def check_generate_options(prompt: str, kv_cache: str | None, engine: str, max_new_tokens: int = 64,
+                           model: Model | nn.Module | str | Path | None = None) -> None:
+    """Bad generation options fail before any model loads: an empty or oversized prompt, a
+    max_new_tokens outside 1..MAX_NEW_TOKENS or beyond the context of the model's config (read from
+    the folder's config.json when `model` is a path; the prompt's own tokens are checked once it is
+    tokenized), an unknown KV-cache format or engine."""
     from lowbit.model.kvcache import check_kind
-    from lowbit.runtime.generate import ENGINES
+    from lowbit.runtime.generate import ENGINES, MAX_PROMPT_CHARS, check_max_new_tokens
 
-    if not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         raise LowbitError("--prompt is empty; give some text to continue")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise LowbitError(f"--prompt: {len(prompt)} characters, more than lowbit generates from ({MAX_PROMPT_CHARS}); "
+                          f"fix: shorten the prompt")
     if kv_cache is not None:
         check_kind(kv_cache, "--kv-cache")
     if engine not in ENGINES:
         raise LowbitError(f"--engine: '{engine}' is unknown; use one of {', '.join(ENGINES)}")
+    check_max_new_tokens(max_new_tokens, *(_context_before_load(model) or (None, "")))
+
+
+def _context_before_load(model) -> tuple[int, str] | None:
+    """(context length, where it was read) of a model without loading it, where that is cheap: a
+    folder's config.json, or a loaded module's config; None otherwise (GGUF, bundled names)."""
+    import json
+
+    from lowbit.model import sources
+    from lowbit.runtime.generate import context_length
+
+    if model is None:
+        return None
+    if isinstance(model, (str, Path)):
+        try:
+            src = sources.resolve(model)
+        except LowbitError:
+            return None  # loading names the problem
+        cfg_path = src.path / "config.json"
+        if src.kind not in ("lowbit", "hf", "compressed-tensors") or not cfg_path.is_file():
+            return None
+        try:
+            if cfg_path.stat().st_size > (1 << 20):
+                return None  # the loader judges an oversized config
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            return None
+        n = context_length(cfg)
+        return None if n is None else (n, f"{cfg_path}: max_position_embeddings")
+    module = model.module if isinstance(model, Model) else model
+    n = context_length(getattr(module, "config", None))
+    return None if n is None else (n, "the model config's max_position_embeddings")
 
 
 def engine_for(model: Model, engine: str, kv_cache: str) -> str:
@@ -250,7 +358,7 @@ def generate(model: Model | str | Path, prompt: str, *, max_new_tokens: int = 64
     engine: auto (the lean loop where the architecture allows), lean or hf."""
     from lowbit.runtime.generate import generate_text
 
-    check_generate_options(prompt, kv_cache, engine)
+    check_generate_options(prompt, kv_cache, engine, max_new_tokens, model)
     handle = load_model(model) if isinstance(model, (str, Path)) else as_model(model)
     tok = handle.need_tokenizer("generate")
     kv = kv_cache or handle.kv_cache

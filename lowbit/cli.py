@@ -170,7 +170,8 @@ def export(
 def generate(
     model: str = typer.Argument(..., help="A lowbit artifact folder, or any model `quantize` accepts."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1,
+        help="Tokens to generate (at most 16384; prompt tokens + these must fit the model's context)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy decoding."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template, if it has one."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV-cache format: none, int8 or fp8 (one scale per token and head); default: the artifact recipe's kv_cache."),
@@ -189,7 +190,7 @@ def generate(
     from lowbit.api import check_generate_options, engine_for
     from lowbit.model.qlinear import QLinear, kernel_summary
 
-    check_generate_options(prompt, kv_cache, engine)
+    check_generate_options(prompt, kv_cache, engine, max_new_tokens, model)  # limits from config.json, before loading
     _quiet_transformers()
     with err.status(f"Loading {model} ..."):
         m = api.load(model, say=lambda msg: err.print(msg))

@@ -18,14 +18,13 @@ A recipe is data (YAML or JSON), never code:
 from __future__ import annotations
 
 import fnmatch
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lowbit.datafile import read_data_file
+from lowbit.datafile import MAX_PATTERN_CHARS, read_data_file, regex_search, user_regex
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import QuantSpec
 
@@ -34,6 +33,7 @@ ALGORITHMS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant")  # all
 GROUP_FALLBACKS = ("error", "shrink")
 KEEP_DTYPES = ("float16", "bfloat16", "float32")
 KV_CACHES = ("none", "int8", "fp8")
+MAX_PATTERNS = 1000  # targets + ignore + overrides of one recipe
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,11 @@ class Recipe:
     kv_cache: str = "none"
     description: str = ""
     version: int = RECIPE_VERSION
+    # where the recipe came from ("recipe file x.yaml"), for errors raised while matching; not saved
+    source: str = field(default="recipe", compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.version != RECIPE_VERSION:
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version != RECIPE_VERSION:
             raise LowbitError(f"recipe field 'version': {self.version} is not supported; this lowbit reads version {RECIPE_VERSION}")
         if self.algorithm not in ALGORITHMS:
             raise LowbitError(f"recipe field 'algorithm': '{self.algorithm}' is not available; use one of {', '.join(ALGORITHMS)}")
@@ -67,18 +69,30 @@ class Recipe:
             raise LowbitError(f"recipe field 'keep_dtype': '{self.keep_dtype}' is unknown; use one of {', '.join(KEEP_DTYPES)}")
         if self.kv_cache not in KV_CACHES:
             raise LowbitError(f"recipe field 'kv_cache': '{self.kv_cache}' is unknown; use one of {', '.join(KV_CACHES)}")
-        for pat in (*self.targets, *self.ignore, *(o.match for o in self.overrides)):
-            _check_pattern(pat)
+        if len(self.targets) + len(self.ignore) + len(self.overrides) > MAX_PATTERNS:
+            raise LowbitError(f"recipe fields 'targets', 'ignore' and 'overrides': more than {MAX_PATTERNS} patterns "
+                              f"together; fix: merge them (a regex 're:a|b' matches either)")
+        for key, pat in self._patterns():
+            _check_pattern(pat, f"recipe field '{key}'")
+
+    def _patterns(self):
+        """(field, pattern) for every module pattern: ('targets[0]', '*'), ('overrides[1].match', ...)."""
+        yield from ((f"targets[{i}]", p) for i, p in enumerate(self.targets))
+        yield from ((f"ignore[{i}]", p) for i, p in enumerate(self.ignore))
+        yield from ((f"overrides[{i}].match", o.match) for i, o in enumerate(self.overrides))
 
     # -- matching -------------------------------------------------------------------------------
     def spec_for(self, module_name: str) -> QuantSpec | None:
         """The spec this recipe gives a Linear module, or None to keep it in high precision."""
-        if not any(matches(p, module_name) for p in self.targets):
+        def hit(key: str, pattern: str) -> bool:
+            return matches(pattern, module_name, f"{self.source}: field '{key}'")
+
+        if not any(hit(f"targets[{i}]", p) for i, p in enumerate(self.targets)):
             return None
-        if any(matches(p, module_name) for p in self.ignore):
+        if any(hit(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)):
             return None
-        for o in self.overrides:
-            if matches(o.match, module_name):
+        for i, o in enumerate(self.overrides):
+            if hit(f"overrides[{i}].match", o.match):
                 return o.scheme
         return self.scheme
 
@@ -104,12 +118,19 @@ class Recipe:
             raise LowbitError(f"{source}: a recipe is a mapping with at least a 'scheme' field, got {type(data).__name__}")
         known = {"version", "name", "description", "scheme", "algorithm", "targets", "ignore", "overrides",
                  "group_fallback", "keep_dtype", "kv_cache"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise LowbitError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
         if "scheme" not in data:
             raise LowbitError(f"{source}: field 'scheme' is missing; add e.g. scheme: {{kind: int, bits: 4, granularity: group, group_size: 128}}")
         kw: dict[str, Any] = {"scheme": QuantSpec.from_dict(data["scheme"], f"{source}: field 'scheme'")}
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise LowbitError(f"{source}: field 'version' must be an integer, got {version!r}; fix: version: {RECIPE_VERSION}")
+        for key in ("name", "description", "algorithm", "group_fallback", "keep_dtype", "kv_cache"):
+            if key in data and not isinstance(data[key], str):
+                raise LowbitError(f"{source}: field '{key}' must be a string, got {data[key]!r}"
+                                  f"{' (quote it in YAML)' if data[key] is not None else ''}")
         for key in ("version", "name", "description", "algorithm", "group_fallback", "keep_dtype", "kv_cache"):
             if key in data:
                 kw[key] = data[key]
@@ -129,12 +150,13 @@ class Recipe:
             where = f"{source}: overrides[{i}]"
             if not isinstance(o, dict) or "match" not in o or not isinstance(o["match"], str):
                 raise LowbitError(f"{where}: each override needs a 'match' pattern (string) and a 'scheme' (a mapping, or null to keep the module unquantized)")
-            extra = sorted(set(o) - {"match", "scheme"})
+            extra = sorted(str(k) for k in set(o) - {"match", "scheme"})
             if extra:
                 raise LowbitError(f"{where}: unknown field(s) {', '.join(extra)}; an override has only 'match' and 'scheme'")
             scheme = o.get("scheme")
             parsed.append(Override(o["match"], None if scheme is None else QuantSpec.from_dict(scheme, f"{where}.scheme")))
         kw["overrides"] = tuple(parsed)
+        kw["source"] = source
         try:
             return cls(**kw)
         except LowbitError as e:
@@ -151,20 +173,23 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _check_pattern(pat: str) -> None:
+def _check_pattern(pat: str, where: str = "recipe") -> None:
     if not isinstance(pat, str) or not pat:
-        raise LowbitError(f"recipe: module pattern {pat!r} must be a non-empty string")
+        raise LowbitError(f"{where}: module pattern {pat!r} must be a non-empty string")
     if pat.startswith("re:"):
-        try:
-            re.compile(pat[3:])
-        except re.error as e:
-            raise LowbitError(f"recipe: pattern '{pat}' is not a valid regular expression ({e}); fix it or use a glob") from None
+        user_regex(pat[3:], where, fix="fix it or use a glob")
+    elif len(pat) > MAX_PATTERN_CHARS:
+        raise LowbitError(f"{where}: module pattern is {len(pat):,} characters, over the limit of "
+                          f"{MAX_PATTERN_CHARS:,}; fix: shorten it")
 
 
-def matches(pattern: str, name: str) -> bool:
-    """Glob on the full module name, or a regex (searched) when the pattern starts with 're:'."""
+def matches(pattern: str, name: str, where: str = "recipe pattern") -> bool:
+    """Glob on the full module name, or a regex (searched) when the pattern starts with 're:'.
+
+    A regex runs with the `regex` package under a timeout (lowbit.datafile.REGEX_TIMEOUT_S); one that
+    takes longer is a LowbitError naming `where` (the file and field) and the pattern."""
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        return regex_search(pattern[3:], name, where)
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 

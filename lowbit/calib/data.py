@@ -4,6 +4,10 @@ rendered with the model's chat template) or a named built-in set, cut into `samp
 
 Documents are tokenized, joined with the end-of-sequence token and cut into consecutive windows, so
 short prompts are packed rather than padded.
+
+A calibration file is at most MAX_CALIB_BYTES (16 MB, about 4 million tokens: more than 1024 windows
+of 2048 tokens), checked before it is read; a JSONL line at most MAX_LINE_CHARS (1 MB). Bytes that are
+not UTF-8 are replaced, not refused.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from lowbit.datafile import iter_jsonl
+from lowbit.datafile import iter_jsonl, read_bounded
 from lowbit.errors import LowbitError
 
 # The evaluation (lowbit.eval.run, benchmarks) reads Wikipedia articles from the start of the dump;
 # the built-in calibration sets read from article HELDOUT_FROM on, so they never overlap.
 HELDOUT_FROM = 40
+MAX_CALIB_BYTES = 16_000_000  # the whole file is read and tokenized; refused above this before reading
+MAX_LINE_CHARS = 1_000_000
 BUILTIN = {
     "wikipedia": "Wikipedia articles (gensim test dump), from article 40 on: held out from lowbit's evaluation text",
     "python-docs": "Python 3.11 library documentation: technical text full of rare terms",
@@ -63,9 +69,17 @@ def _render_messages(messages, tokenizer, where: str) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)  # no template: plain transcript
 
 
+def _read(path: Path) -> str:
+    """The text of a calibration file, refused before the read when it is over MAX_CALIB_BYTES."""
+    raw = read_bounded(path, "calibration file", MAX_CALIB_BYTES,
+                       "fix: give a .txt or .jsonl file (the first few MB of text are plenty)")
+    return raw.decode("utf-8", errors="replace")
+
+
 def read_jsonl(path: Path, tokenizer) -> list[str]:
     texts = []
-    for _, where, row in iter_jsonl(path.read_text(errors="replace").splitlines(), f"calibration file {path}"):
+    # split("\n"), not splitlines(): a U+2028 inside a JSON string is not a line break
+    for _, where, row in iter_jsonl(_read(path).split("\n"), f"calibration file {path}:", max_line_chars=MAX_LINE_CHARS):
         if not isinstance(row, dict):
             raise LowbitError(f"{where}: expected a JSON object with a 'text' or 'messages' field")
         if isinstance(row.get("text"), str):
@@ -90,7 +104,7 @@ def read_texts(calib: str | Path | list[str], tokenizer) -> tuple[list[str], str
                           f"({', '.join(BUILTIN)})")
     if path.suffix == ".jsonl":
         return read_jsonl(path, tokenizer), f"file {path}"
-    return [path.read_text(errors="replace")], f"file {path}"
+    return [_read(path)], f"file {path}"
 
 
 def load_calibration(calib: str | Path | list[str], tokenizer, samples: int = 128, seq_len: int = 512) -> CalibData:

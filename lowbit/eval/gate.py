@@ -17,10 +17,18 @@
     bench: {prompt_tokens: 128, output_tokens: 32, requests: 12, batch_size: 1, concurrency: 1}
 
 Drops are in percentage points (baseline minus candidate); *_pct increases are relative.
+
+Allowed values (checked when the spec is parsed, before any model loads; see RANGES and INT_RANGES):
+KLD maxima and *_increase_pct >= 0; min_top1_agreement 0..1; pass, valid, agreement and needle
+percentages and drops 0..100; latency p95_improvement_pct and memory reduction_pct -1000..100;
+min_decode_speedup above 0, at most 1000. eval and bench fields are integers: samples 1..4096,
+seq_len 16..131072, context 128..1048576; prompt_tokens 1..131072, output_tokens 1..65536, requests
+1..100000, batch_size 1..1024, concurrency 1..256, warmup 0..10000.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,27 @@ SECTION_KEYS = {
     "eval": {"samples", "seq_len", "context"},
     "bench": {"prompt_tokens", "output_tokens", "requests", "batch_size", "concurrency", "warmup"},
 }
+
+# (low, high, low inclusive) for every numeric criterion, by field; high is inclusive, None: unbounded.
+_PCT, _DROP, _NONNEG = (0, 100, True), (0, 100, True), (0, None, True)
+RANGES = {
+    "quality": {"max_ppl_increase_pct": _NONNEG, "max_mean_kld": _NONNEG, "max_p99_kld": _NONNEG,
+                "max_sample_kld": _NONNEG, "min_top1_agreement": (0, 1, True)},
+    "quality.suites.jargon": {"max_acc_drop": _DROP, "max_kld": _NONNEG},
+    "quality.suites.long_context": {"max_ppl_increase_pct": _NONNEG, "max_needle_drop": _DROP, "min_needle_pct": _PCT},
+    "quality.suites.json": {"min_valid_pct": _PCT, "max_valid_drop": _DROP, "min_schema_valid_pct": _PCT,
+                            "min_agreement_pct": _PCT},
+    "quality.suites.user": {"min_pass_pct": _PCT, "max_pass_drop": _DROP},
+    "latency": {"p95_improvement_pct": (-1000, 100, True), "min_decode_speedup": (0, 1000, False)},
+    "memory": {"reduction_pct": (-1000, 100, True)},
+}
+# (low, high) of the integer fields: how much text the quality part reads, and the bench load.
+INT_RANGES = {
+    "eval": {"samples": (1, 4096), "seq_len": (16, 131_072), "context": (128, 1_048_576)},
+    "bench": {"prompt_tokens": (1, 131_072), "output_tokens": (1, 65_536), "requests": (1, 100_000),
+              "batch_size": (1, 1024), "concurrency": (1, 256), "warmup": (0, 10_000)},
+}
+MAX_FILE_CHARS = 4096  # the user suite's path
 
 DEFAULT_SPEC = """\
 # lowbit's default gate: close to the FP32 model on text, its tails, rare terms, long context and
@@ -83,8 +112,21 @@ def _check_fields(source: str, where: str, body: Any, known: set[str], free: tup
     for key, val in body.items():
         if key not in known:
             raise LowbitError(f"spec {source}: field '{where}.{key}' is unknown; known: {', '.join(sorted(known))}")
-        if key not in free and not _is_number(val):
-            raise LowbitError(f"spec {source}: field '{where}.{key}' must be a number, got {val!r}")
+        if key in free:
+            continue
+        field = f"spec {source}: field '{where}.{key}'"
+        if where in INT_RANGES:
+            lo, hi = INT_RANGES[where][key]
+            if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+                raise LowbitError(f"{field} is {val!r}; fix: give a whole number from {lo:,} to {hi:,}")
+            continue
+        if not _is_number(val):
+            raise LowbitError(f"{field} must be a number, got {val!r}")
+        lo, hi, lo_inclusive = RANGES[where][key]
+        if not math.isfinite(val) or (val < lo if lo_inclusive else val <= lo) or (hi is not None and val > hi):
+            allowed = (f"from {lo:g} to {hi:g}" if lo_inclusive else f"above {lo:g} and at most {hi:g}") if hi is not None \
+                else f"{lo:g} or more"
+            raise LowbitError(f"{field} is {val!r}, out of range; fix: give a number {allowed}")
 
 
 def parse_spec(data: Any, source: str) -> Spec:
@@ -101,8 +143,11 @@ def parse_spec(data: Any, source: str) -> Spec:
         if name not in SUITE_KEYS:
             raise LowbitError(f"spec {source}: suite 'quality.suites.{name}' is unknown; suites are {', '.join(SUITE_KEYS)}")
         _check_fields(source, f"quality.suites.{name}", crit, SUITE_KEYS[name], free=("file",))
-        if name == "user" and not isinstance(crit.get("file"), str):
+        if name == "user" and (not isinstance(crit.get("file"), str) or not crit["file"].strip()):
             raise LowbitError(f"spec {source}: 'quality.suites.user' needs a 'file' (the path of a JSONL of prompts)")
+        if name == "user" and (len(crit["file"]) > MAX_FILE_CHARS or "\0" in crit["file"]):
+            raise LowbitError(f"spec {source}: field 'quality.suites.user.file' is not a usable path (over "
+                              f"{MAX_FILE_CHARS} characters, or a NUL byte); fix: give the JSONL file's path")
     return Spec(data, source)
 
 

@@ -39,7 +39,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import affine
 from lowbit.formats.affine import torch_dtype
 from lowbit.formats.qtensor import zero_of
-from lowbit.model.artifact import move_into_place, prepare_out_dir, temp_beside
+from lowbit.model.artifact import move_into_place, output_lock, prepare_out_dir, temp_beside
 from lowbit.model.handle import Model
 from lowbit.model.qlinear import QEmbedding, QLinear
 from lowbit.model.quantize import set_submodule
@@ -125,7 +125,13 @@ def _qparams(qlin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str
 
 
 def write_compressed(handle: Model, out: str | Path, force: bool = False, progress=None) -> CTExport:
-    """Write a lowbit-quantized model as a compressed-tensors checkpoint folder."""
+    """Write a lowbit-quantized model as a compressed-tensors checkpoint folder (under a temporary name
+    beside out, holding the writer's lock on out, renamed into place; see lowbit.model.artifact)."""
+    with output_lock(out, force):  # released (and its lock file removed) however the export ends
+        return _write_compressed(handle, out, force, progress)
+
+
+def _write_compressed(handle: Model, out: str | Path, force: bool = False, progress=None) -> CTExport:
     _ct()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus
@@ -211,7 +217,7 @@ def write_compressed(handle: Model, out: str | Path, force: bool = False, progre
         cfg = json.loads(cfg_path.read_text())
         cfg["dtype"] = str(keep).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        move_into_place(tmp, out)
+        move_into_place(tmp, out, force)  # refuses an out that appeared meanwhile, unless force
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

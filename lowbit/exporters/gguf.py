@@ -43,8 +43,6 @@ SUPPORTED_ARCHS, source_gguf, imatrix_by_gguf_name, ...) are re-exported below.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ from lowbit.exporters.gguf_tensors import SUPPORTED_ARCHS, check_arch, imatrix_b
 from lowbit.exporters.gguf_types import (ALIASES, ALL_TYPES, LLAMA_CPP_TYPES, PY_TYPES, exact_blocks, nearest_type,
                                       normalize_type, quantize_as)
 from lowbit.exporters.gguf_vocab import add_tokenizer_kvs, source_gguf
+from lowbit.model.artifact import move_into_place, output_lock, prepare_out_file, temp_beside
 from lowbit.formats.ggml import (BLOCK, pack_q4_0, pack_q4_1, pack_q8_0, quantize_q4_0, quantize_q4_1,
                                  quantize_q8_0)
 
@@ -104,30 +103,34 @@ def _hparams(writer, config, file_type: int) -> None:
     writer.add_quantization_version(2)
 
 
-def _atomic_target(out: Path) -> Path:
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise LowbitError(f"output file {out}: is a folder; fix: pass a file name ending in .gguf")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise LowbitError(f"output file {out}: folder {parent} is not writable; fix: choose another --out")
-    return parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+def _atomic_target(out: Path, force: bool = True) -> Path:
+    """Check out (see lowbit.model.artifact.prepare_out_file: not a folder, a link, '.', ...), take the
+    writer's lock on it, remove dead runs' temporaries beside it, and return a fresh temporary path
+    there, named after this process."""
+    prepare_out_file(Path(out), force)
+    return temp_beside(Path(out))
 
 
 def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", source: dict | None = None,
                folder: Path | None = None, imatrix: dict[str, torch.Tensor] | None = None,
-               name: str | None = None, progress=None) -> GGUFExport:
-    """Write model as a GGUF file (see the module docstring for the type rules)."""
+               name: str | None = None, progress=None, force: bool = True) -> GGUFExport:
+    """Write model as a GGUF file (see the module docstring for the type rules). The file is written
+    under a temporary name beside out, under the writer's lock on out, and renamed into place; an
+    existing out is replaced only with force (lowbit.export passes --force; here True, as always)."""
+    gguf_type = normalize_type(gguf_type)
+    out = Path(out)
+    check_arch(model)
+    with output_lock(out, force, "output file"):
+        if gguf_type in LLAMA_CPP_TYPES:
+            return _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress, force)
+        return _write_gguf(model, out, gguf_type, source, folder, name, progress, force)
+
+
+def _write_gguf(model, out: Path, gguf_type: str, source, folder, name, progress, force: bool) -> GGUFExport:
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_ARCH, get_tensor_name_map
 
     from lowbit.model.qlinear import QLinear
 
-    gguf_type = normalize_type(gguf_type)
-    out = Path(out)
-    check_arch(model)
-    if gguf_type in LLAMA_CPP_TYPES:
-        return _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress)
     config = model.config
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     notes: list[str] = []
@@ -150,7 +153,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
         else:
             kind = ("float", "F32" if t.ndim == 1 or gguf_type == "F32" else "F16")
         plan.append((hf_name, g_name, t, kind))
-    tmp = _atomic_target(out)
+    tmp = _atomic_target(out, force)
     file_type = {"auto": LlamaFileType.GUESSED, "F32": LlamaFileType.ALL_F32}.get(
         gguf_type, LlamaFileType[f"MOSTLY_{gguf_type}"] if f"MOSTLY_{gguf_type}" in LlamaFileType.__members__
         else LlamaFileType.GUESSED)
@@ -184,7 +187,7 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        move_into_place(tmp, out, force)  # refuses an out that appeared meanwhile, unless force
     finally:
         writer.close()
         if tmp.exists():
@@ -192,18 +195,22 @@ def write_gguf(model: nn.Module, out: str | Path, gguf_type: str = "auto", sourc
     return result
 
 
-def _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress) -> GGUFExport:
+def _via_llama_cpp(model, out, gguf_type, source, folder, imatrix, name, progress, force=True) -> GGUFExport:
     from lowbit.exporters import llamacpp
 
-    f32 = out.resolve().parent / f".{out.name}.f32-{uuid.uuid4().hex[:8]}.gguf"
+    prepare_out_file(out, force)
+    f32 = temp_beside(out, ".f32.gguf")  # both temporaries carry this process's name (stale ones are removed)
+    quantized = temp_beside(out, ".gguf")
     try:
-        base = write_gguf(model, f32, "F32", source, folder, None, name, progress)
+        base = write_gguf(model, f32, "F32", source, folder, None, name, progress)  # its own lock, released
         imx = {k: v for k, v in imatrix_by_gguf_name(imatrix, model.config.num_hidden_layers).items()
                if k in base.tensor_types}  # e.g. no output.weight when the head is tied
-        types = llamacpp.quantize(f32, out, gguf_type, imatrix=imx or None)
+        types = llamacpp.quantize(f32, quantized, gguf_type, imatrix=imx or None)
+        move_into_place(quantized, out, force)
     finally:
-        if f32.exists():
-            f32.unlink()
+        for t in (f32, quantized):
+            if t.exists():
+                t.unlink()
     notes = [n for n in base.notes if not n.startswith("requantized")]
     notes.append(f"quantized by llama.cpp ({gguf_type}) from the F32 dequantization of the model"
                  + (f", with lowbit's importance matrix for {len(imx)} tensors" if imx else ", without an importance matrix"))

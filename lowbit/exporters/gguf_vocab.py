@@ -12,17 +12,21 @@ from lowbit.errors import LowbitError
 
 
 def source_gguf(source: dict | None) -> Path | None:
-    """The GGUF file a model came from (bundled or .gguf source), if it still exists."""
+    """The GGUF file a model came from (bundled or .gguf source), if it still exists. Callers pass the
+    source of a model loaded in this process; an artifact's recorded source is not followed outside
+    its folder (lowbit.api.export drops it), except a bundled model verified by its sha256."""
     from lowbit.model import sources
 
     if not source:
         return None
     try:
-        if source.get("kind") == "bundled":
-            return sources.gguf_path(sources.resolve(source["name"]))
-        if source.get("kind") == "gguf" and Path(source["path"]).is_file():
+        if source.get("kind") == "bundled" and source.get("name") in sources.BUNDLED:
+            path = sources.gguf_path(sources.ModelSource("bundled", Path(source["name"]), source["name"]))
+            # only the installed package's own file, and only if it is the one the model came from
+            return path if sources.sha256_memo([path]) == source.get("sha256") else None
+        if source.get("kind") == "gguf" and Path(str(source.get("path"))).is_file():
             return Path(source["path"])
-    except LowbitError:
+    except (LowbitError, OSError):
         return None
     return None
 

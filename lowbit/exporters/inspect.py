@@ -7,10 +7,11 @@ import struct
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.model.sources import ARTIFACT_FILE, check_safetensors
+from lowbit.model.artifact import WEIGHTS_FILE, check_files, check_tensors, read_meta
+from lowbit.model.quantize import plans_from_json
+from lowbit.model.sources import ARTIFACT_FILE, ST_ITEM_BYTES, check_safetensors
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
+_BYTES = ST_ITEM_BYTES
 
 
 def _header(path: Path) -> dict:
@@ -45,12 +46,11 @@ def artifact_summary(folder: str | Path) -> dict:
     meta_path = folder / ARTIFACT_FILE
     if not meta_path.is_file():
         raise LowbitError(f"artifact {folder}: {ARTIFACT_FILE} not found; fix: pass a folder written by `lowbit quantize`")
-    try:
-        meta = json.loads(meta_path.read_text())
-        modules = meta["modules"]
-    except (json.JSONDecodeError, KeyError, OSError) as e:
-        raise LowbitError(f"artifact file {meta_path}: is damaged ({e}); quantize again") from None
-    header = _header(folder / "model.safetensors")
+    meta = read_meta(folder)  # the same checks a load makes, short of building the model
+    modules = meta["modules"]
+    header = _header(folder / WEIGHTS_FILE)
+    check_files(folder, meta)
+    check_tensors(folder / WEIGHTS_FILE, plans_from_json(modules), header)
     sizes = {k: _BYTES.get(v["dtype"], 4) * _numel(v["shape"]) for k, v in header.items()}
     rows, q_bytes, q_params = [], 0, 0
     claimed = set()

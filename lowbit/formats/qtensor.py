@@ -147,3 +147,41 @@ def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         scale, zero = affine.choose_qparams(w, spec)
         return affine.dequantize(affine.quantize(w, scale, zero, spec), scale, zero, spec, w.dtype)
     return dequantize_tensor(quantize_tensor(w, spec), w.dtype)
+
+
+def stored_layout(spec: QuantSpec, rows: int, cols: int) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]],
+                                                                  dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """What quantize_tensor stores for a (rows, cols) weight: ({required name: (shape, dtype)},
+    {optional name: (shape, dtype)}), so a file's tensors can be checked against their spec before
+    any of them is used."""
+    if spec.granularity == "tensor":
+        groups = (1, 1)
+    elif spec.granularity == "channel":
+        groups = (rows, 1)
+    else:
+        groups = (rows, cols // spec.group_size)
+    optional = {}
+    if spec.kind == "int":
+        sdt = affine.torch_dtype(spec.scale_dtype)
+        if spec.bits < 8:
+            qdata = ((rows, -(-cols * spec.bits // 8)), torch.uint8)
+        else:
+            qdata = ((rows, cols), torch.int8 if spec.symmetric else torch.uint8)
+        need = {"qdata": qdata, "scale": (groups, sdt)}
+        if not spec.symmetric:
+            need["offset" if spec.zero_domain == "float" else "zero_point"] = (groups, sdt if spec.zero_domain == "float"
+                                                                              else torch.uint8)
+        optional["perm"] = ((cols,), torch.int32)
+        if spec.activation == "int8_static":
+            need["input_scale"] = ((), torch.float32)
+        return need, optional
+    if spec.kind == "nf4":
+        need = {"qdata": ((rows, -(-cols // 2)), torch.uint8)}
+        if spec.double_quant:
+            blocks = -(-(groups[0] * groups[1]) // nf4.DQ_BLOCK)
+            need.update(absmax_q=((blocks, nf4.DQ_BLOCK), torch.int8), absmax_scale=((blocks,), torch.float32),
+                        absmax_mean=((1,), torch.float32))
+        else:
+            need["absmax"] = (groups, torch.float32)
+        return need, optional
+    return {"qdata": ((rows, cols), fp8.DTYPES[spec.kind]), "scale": (groups, torch.float32)}, optional

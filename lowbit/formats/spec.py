@@ -117,12 +117,27 @@ class QuantSpec:
         if not isinstance(data, dict):
             raise LowbitError(f"{where}: expected a mapping of fields (kind, bits, granularity, ...), got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise LowbitError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+        for key, val in data.items():  # JSON types first: "symmetric": "false" is a string, not false
+            kind = _FIELD_TYPES[key]
+            if kind is bool and not isinstance(val, bool):
+                raise LowbitError(f"{where}: field '{key}' must be true or false, got {val!r}"
+                                  f"{' (a string: remove the quotes)' if isinstance(val, str) else ''}")
+            if kind is int and (not isinstance(val, int) or isinstance(val, bool)) and not (key == "group_size" and val is None):
+                raise LowbitError(f"{where}: field '{key}' must be an integer, got {val!r}")
+            if kind is str and not isinstance(val, str):
+                raise LowbitError(f"{where}: field '{key}' must be a string, got {val!r}")
         try:
             return cls(**data)
         except LowbitError as e:
             raise LowbitError(f"{where}: {e}") from None
         except TypeError as e:  # wrong value types that dataclass rejects
             raise LowbitError(f"{where}: {e}") from None
+
+
+# The JSON type of each field, checked by from_dict before the dataclass sees the value (group_size may also be null).
+_FIELD_TYPES = {"kind": str, "bits": int, "granularity": str, "group_size": int, "symmetric": bool, "double_quant": bool,
+                "scale_dtype": str, "activation": str, "zero_domain": str, "version": int}
+assert set(_FIELD_TYPES) == {f.name for f in fields(QuantSpec)}

@@ -39,7 +39,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32):
     files = sources.check_hf_folder(folder)
     cfg_file = folder / "config.json"
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         qconfig = QuantizationConfig.model_validate(config.quantization_config)
     except Exception as e:
         raise LowbitError(f"config file {cfg_file}: field 'quantization_config' is not a valid compressed-tensors config "

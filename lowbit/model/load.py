@@ -39,7 +39,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, pro
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
     except LowbitError:
         raise
     except Exception as e:
@@ -57,10 +57,64 @@ def float_folder(src: sources.ModelSource, progress=None) -> tuple[Path, str]:
         raise LowbitError(f"model folder {src.path}: is already a quantized {src.kind} checkpoint; "
                           f"pass the original float model instead")
     files = sources.check_hf_folder(src.path)
+    check_checkpoint(src.path, files)
     marker = src.path / "lowbit-source.json"
     if marker.is_file():  # one of our cached GGUF conversions: its identity is the GGUF's hash
-        return src.path, json.loads(marker.read_text())["sha256"]
+        try:
+            return src.path, str(json.loads(marker.read_text())["sha256"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LowbitError(f"source marker {marker}: is not lowbit's JSON record of a GGUF conversion ({e}); "
+                              f"fix: delete {src.path} and convert the GGUF again") from None
     return src.path, sources.sha256_memo(files)
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def check_checkpoint(folder: Path, files: list[Path]) -> None:
+    """Every tensor the model's config implies is in the files with its shape and a float dtype, and
+    nothing else is: transformers would otherwise fill a missing weight with random values, silently.
+    Read from the safetensors headers and a meta-device skeleton, so no weight is loaded."""
+    from lowbit.model.st_reader import read_header
+
+    found: dict[str, tuple[list, str, Path]] = {}
+    for f in files:
+        for name, info in read_header(f)[1].items():
+            if name != "__metadata__":
+                found[name] = (list(info.get("shape", [])), str(info.get("dtype")), f)
+    if any(n.endswith((".qdata", ".weight_packed", ".absmax")) for n in found) and \
+            not sources.is_compressed_tensors(folder):
+        raise LowbitError(f"model folder {folder}: its weights are quantized tensors (e.g. "
+                          f"{next(n for n in found if n.endswith(('.qdata', '.weight_packed', '.absmax')))}) but the "
+                          f"folder has no {sources.ARTIFACT_FILE}; it is a damaged lowbit artifact; fix: restore "
+                          f"{sources.ARTIFACT_FILE}, or quantize the float model again")
+    module = empty_model(folder, torch.float32)
+    want = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        want.setdefault(name, t)
+    tied = {n for n in want if n == "lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
+    persistent = set()
+    for mname, mod in module.named_modules():
+        prefix = mname + "." if mname else ""
+        persistent |= {prefix + n for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set}
+    where = f"model folder {folder}"
+    missing = [n for n, t in want.items() if n not in found and n not in tied and (t.is_meta or n in persistent)]
+    if missing:
+        raise LowbitError(f"{where}: {len(missing)} tensor(s) the config needs are not in the weights, e.g. "
+                          f"{', '.join(missing[:3])}; transformers would fill them with random values; fix: save the "
+                          f"complete checkpoint (or the config that matches these weights)")
+    extra = [n for n in found if n not in want]
+    if extra:
+        raise LowbitError(f"{where}: {len(extra)} tensor(s) in the weights are not part of the model its config "
+                          f"describes, e.g. {', '.join(extra[:3])}; fix: pass the config.json saved with these weights")
+    for name, (shape, dtype, f) in found.items():
+        t = want[name]
+        if tuple(shape) != tuple(t.shape):
+            raise LowbitError(f"safetensors file {f}: tensor {name} has shape {tuple(shape)}, but config.json implies "
+                              f"{tuple(t.shape)}; fix: pass the config.json saved with these weights")
+        if t.is_floating_point() and dtype not in FLOAT_DTYPES:
+            raise LowbitError(f"safetensors file {f}: tensor {name} is stored as {dtype}, not a float type; it is not "
+                              f"a float checkpoint; fix: pass the original float weights")
 
 
 def load_streaming(name_or_path: str | Path, recipe: Recipe, compute_dtype: torch.dtype = torch.bfloat16,

@@ -35,7 +35,7 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise LowbitError(f"tokenizer in {folder}: could not be loaded ({type(e).__name__}: {e}); "
                           f"fix: save the tokenizer files (tokenizer.json, tokenizer_config.json) into the folder") from None
@@ -48,11 +48,11 @@ def empty_model(folder: Path, dtype: torch.dtype, config=None) -> nn.Module:
 
     if config is None:
         try:
-            config = AutoConfig.from_pretrained(str(folder))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         except Exception as e:
             raise LowbitError(f"config file {folder / 'config.json'}: could not be read by transformers ({e})") from None
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     return model.eval()
 
 
@@ -70,6 +70,22 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
     else:
         return False
     return True
+
+
+def put_tensor(model: nn.Module, name: str, value: torch.Tensor, where: Path) -> None:
+    """set_tensor for tensors read from a file: a name the model does not have, or a shape other than
+    the one its config implies, is refused (naming the file) instead of ignored or broadcast."""
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+        old = mod._parameters[attr] if attr in mod._parameters else mod._buffers[attr]
+    except (AttributeError, KeyError):
+        raise LowbitError(f"weights in {where}: tensor {name} is not part of the model its config.json describes; "
+                          f"the files do not belong together; fix: save the model again") from None
+    if old is not None and tuple(old.shape) != tuple(value.shape):
+        raise LowbitError(f"weights in {where}: tensor {name} has shape {tuple(value.shape)}, but config.json implies "
+                          f"{tuple(old.shape)}; the files do not belong together; fix: save the model again")
+    set_tensor(model, name, value)
 
 
 def finish_model(model: nn.Module, where: Path) -> nn.Module:

@@ -97,6 +97,7 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
         return ModelSource("gguf", p, p.name)
     if not os.access(p, os.R_OK | os.X_OK):
         raise LowbitError(f"model folder {p}: is not readable; fix its permissions")
+    refuse_remote_code(p)
     if (p / ARTIFACT_FILE).is_file():
         return ModelSource("lowbit", p, p.name)
     if (p / "config.json").is_file():
@@ -107,6 +108,28 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     raise LowbitError(
         f"model folder {p}: holds neither config.json (a Hugging Face model), {ARTIFACT_FILE} (a lowbit artifact) "
         f"nor a single .gguf file; fix: point at the folder that holds the model files")
+
+
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """lowbit never runs Python shipped with a model: a folder whose configs name their own classes
+    (`auto_map`, which transformers would import from the folder's .py files) is refused.
+    Every transformers call also passes trust_remote_code=False."""
+    for name in CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_bytes()[: 1 << 24])
+        except (OSError, ValueError):
+            continue  # unreadable configs are reported by the checks that read them
+        if isinstance(data, dict) and (data.get("auto_map") or data.get("custom_pipelines")):
+            raise LowbitError(
+                f"config file {path}: field 'auto_map' names Python classes shipped with the model, and lowbit never "
+                f"runs code from a model folder; fix: use a checkpoint of an architecture transformers implements "
+                f"itself (remove auto_map only if the classes it names are transformers' own)")
 
 
 def is_compressed_tensors(folder: Path) -> bool:
@@ -151,8 +174,14 @@ def check_gguf(path: Path) -> None:
             f"GGUF file {path}: is truncated or corrupt ({e}); fix: copy or re-export the file again") from None
 
 
+ST_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MAX_ST_HEADER = 100 << 20  # a safetensors header is a table of names and shapes: far smaller than this
+
+
 def check_safetensors(path: Path) -> None:
-    """Header parses and the data region it describes fits in the file."""
+    """The header is a JSON table of tensors, each with a known dtype, a shape and data offsets that
+    agree with its size, and the data region it describes fits in the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -160,15 +189,34 @@ def check_safetensors(path: Path) -> None:
             if len(head) < 8:
                 raise ValueError("the file is shorter than its 8-byte header length")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
+            if n > size - 8 or n > MAX_ST_HEADER:
                 raise ValueError(f"the header claims {n} bytes but the file has {size}")
             header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not a table of tensors")
+        end = 0
+        for name, v in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(v, dict) or v.get("dtype") not in ST_ITEM_BYTES:
+                raise ValueError(f"tensor {name!r} has no known dtype")
+            shape, offsets = v.get("shape"), v.get("data_offsets")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise ValueError(f"tensor {name!r} has no valid shape")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise ValueError(f"tensor {name!r} has no valid data_offsets")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if offsets[1] - offsets[0] != numel * ST_ITEM_BYTES[v["dtype"]]:
+                raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {v['dtype']}")
+            end = max(end, offsets[1])
         if 8 + n + end > size:
             raise ValueError(f"the tensors need {8 + n + end} bytes but the file has {size}")
     except OSError as e:
         raise LowbitError(f"safetensors file {path}: cannot be read ({e.strerror}); check permissions") from None
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(
             f"safetensors file {path}: is truncated or corrupt ({e}); fix: copy or save the model again") from None
 
@@ -273,8 +321,9 @@ def _convert_gguf(gguf_file: Path, folder: Path, digest: str) -> None:
     tmp.mkdir(parents=True)
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, trust_remote_code=False)
         except Exception as e:
             raise LowbitError(
                 f"GGUF file {gguf_file}: transformers could not load it ({type(e).__name__}: {e}); "

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from lowbit.errors import LowbitError
+
 
 class _Streamer:
     """Decodes the new tokens incrementally and hands each new piece of text to a callback."""
@@ -46,6 +48,52 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> dict:
 
 
 ENGINES = ("auto", "lean", "hf")
+MAX_NEW_TOKENS = 16384  # whatever the context: the KV cache and the time grow with it
+MAX_PROMPT_CHARS = 1_000_000  # checked before tokenizing
+
+
+def context_length(config) -> int | None:
+    """The context a model was trained for: max_position_embeddings of its (text) config, a config
+    object or config.json's dict; None where it does not say."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        text = config.get("text_config")
+        found = [config.get("max_position_embeddings"), text.get("max_position_embeddings") if isinstance(text, dict) else None]
+    else:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
+        found = [getattr(config, "max_position_embeddings", None), getattr(text, "max_position_embeddings", None)]
+    for n in found:
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def check_max_new_tokens(max_new_tokens, context: int | None = None, where: str = "") -> None:
+    """max_new_tokens is a whole number in 1..MAX_NEW_TOKENS that leaves room for a prompt in the context."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LowbitError(f"--max-new-tokens: must be a whole number of at least 1, not {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise LowbitError(f"--max-new-tokens: {max_new_tokens} is more than lowbit generates in one call "
+                          f"({MAX_NEW_TOKENS}); fix: pass --max-new-tokens {MAX_NEW_TOKENS} or less")
+    if context is not None and max_new_tokens >= context:
+        raise LowbitError(f"--max-new-tokens: {max_new_tokens} new tokens do not fit the model's context of {context} "
+                          f"tokens ({where or 'max_position_embeddings'}) with any prompt; "
+                          f"fix: pass --max-new-tokens {context - 1} or less")
+
+
+def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Prompt tokens + max_new_tokens fit the model's context (beyond it the model only produces garbage)."""
+    check_max_new_tokens(max_new_tokens)
+    context = context_length(config)
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return
+    room = context - max_new_tokens
+    fix = (f"shorten the prompt to at most {room} tokens, or pass --max-new-tokens {context - prompt_tokens} or less"
+           if prompt_tokens < context else f"shorten the prompt to fewer than {context} tokens")
+    raise LowbitError(f"--prompt: {prompt_tokens} prompt tokens + --max-new-tokens {max_new_tokens} = "
+                      f"{prompt_tokens + max_new_tokens} tokens, more than the model's context of {context} "
+                      f"(config max_position_embeddings); fix: {fix}")
 
 
 def pick_engine(model, engine: str = "auto") -> str:
@@ -77,7 +125,12 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
     from lowbit.model.kvcache import QuantizedKVCache, check_kind, kv_of
 
     kv_cache = check_kind(kv_of(model) if kv_cache is None else kv_cache, "--kv-cache")
+    check_max_new_tokens(max_new_tokens)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise LowbitError(f"--prompt: {len(prompt)} characters, more than lowbit generates from ({MAX_PROMPT_CHARS}); "
+                          f"fix: shorten the prompt")
     inputs = encode_prompt(tokenizer, prompt, chat)
+    check_length(model.config, inputs["input_ids"].shape[1], max_new_tokens)  # before any cache is allocated
     if pick_engine(model, engine) == "lean":
         from lowbit.runtime.decode import lean_generate
 
