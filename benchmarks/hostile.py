@@ -334,6 +334,8 @@ def main() -> None:
     args = ap.parse_args()
     import platform
 
+    from lowbit.native import cpu_name
+
     hits: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -371,8 +373,8 @@ def main() -> None:
     cats = list(dict.fromkeys(r["category"] for r in rows))
     lines = ["## Hostile inputs", "",
              f"`benchmarks/hostile.py`: {len(rows)} hostile or broken inputs through the CLI, each in a fresh process "
-             f"limited to {args.timeout:.0f} s and {args.mem_gb:g} GB of address space, on {platform.machine()} "
-             f"({os.cpu_count()} CPUs). \"clean error\": exit 2 with one paragraph; \"handled\": the command "
+             f"limited to {args.timeout:.0f} s and {args.mem_gb:g} GB of address space, on {cpu_name()} "
+             f"({platform.machine()}, {os.cpu_count()} CPUs). \"clean error\": exit 2 with one paragraph; \"handled\": the command "
              f"succeeded without touching what it must not (a foreign file's access time shows whether it was "
              f"read; a temporary of a killed run is gone).", "",
              "| category | cases | " + " | ".join(kinds) + " | slowest (s) |",

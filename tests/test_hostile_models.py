@@ -198,3 +198,21 @@ def test_a_bundled_source_name_is_not_a_path(artifact, tmp_path):
     outside.write_bytes(b"GGUF")
     assert source_gguf({"kind": "bundled", "name": str(outside), "sha256": "0" * 64}) is None
     assert source_gguf({"kind": "bundled", "name": "../" * 8 + str(outside), "sha256": "0" * 64}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("category", ["size limits", "output"])
+def test_hostile_cases_end_cleanly_in_a_fresh_process_under_a_memory_limit(category):
+    """benchmarks/hostile.py runs each case in a fresh `lowbit` process limited to 60 s and 6 GB of
+    address space: every case of these categories ends as a clean error or a safe success."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "hostile.py"), "--only", category],
+                          capture_output=True, text=True, timeout=900, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) >= 7
+    assert all(r["outcome"] in ("clean error", "handled") for r in rows), [r for r in rows if r["outcome"] not in
+                                                                             ("clean error", "handled")]
