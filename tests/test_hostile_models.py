@@ -216,3 +216,17 @@ def test_hostile_cases_end_cleanly_in_a_fresh_process_under_a_memory_limit(categ
     assert len(rows) >= 7
     assert all(r["outcome"] in ("clean error", "handled") for r in rows), [r for r in rows if r["outcome"] not in
                                                                              ("clean error", "handled")]
+
+
+def test_a_compressed_tensors_folder_with_a_foreign_tensor_or_slow_regex_is_refused(artifact, tmp_path):
+    ct = tmp_path / "ct"
+    lowbit.export(lowbit.load(artifact), format="compressed-tensors", out=ct)
+    assert lowbit.load(ct).module is not None  # as exported, it loads
+    files = sorted(ct.glob("*.safetensors"))
+    sd = load_file(str(files[0]))
+    sd["model.layers.9.extra.weight"] = torch.zeros(2, 2)
+    save_file(sd, str(files[0]), metadata={"format": "pt"})
+    refused("generate", ct, "--prompt", "hi", match="not part of the model")
+    save_file({k: v for k, v in sd.items() if "layers.9" not in k}, str(files[0]), metadata={"format": "pt"})
+    edit_json(ct / "config.json", lambda d: d["quantization_config"].update(ignore=["re:(a|aa)+$" + "x" * 2000]))
+    refused("generate", ct, "--prompt", "hi", match="regular expression")

@@ -5,7 +5,6 @@ Writing that format is lowbit.exporters.compressed."""
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 
 import torch
@@ -14,12 +13,17 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.model import sources
 from lowbit.model.handle import Model
-from lowbit.model.skeleton import empty_model, finish_model, load_tokenizer, set_tensor
+from lowbit.datafile import REGEX_TIMEOUT_S, user_regex
+from lowbit.model.skeleton import empty_model, finish_model, load_tokenizer, put_tensor
 
 
-def _matches(target: str, name: str, module: nn.Module) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
+def _matches(target: str, name: str, module: nn.Module, where: str) -> bool:
+    if target.startswith("re:"):  # a pattern from the checkpoint's config: checked, and run under a timeout
+        try:
+            return user_regex(target[3:], where).match(name, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise LowbitError(f"{where}: regular expression {target[3:][:80]!r} took more than {REGEX_TIMEOUT_S:g} s "
+                              f"on module name {name!r}; fix: simplify the pattern") from None
     return target == name or target == type(module).__name__
 
 
@@ -49,9 +53,10 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32):
     targets = [(t, sch) for sch in qconfig.config_groups.values() for t in sch.targets]
     plan = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or any(_matches(i, name, mod) for i in qconfig.ignore or []):
+        where = f"config file {cfg_file}: field 'quantization_config'"
+        if not isinstance(mod, nn.Linear) or any(_matches(i, name, mod, where) for i in qconfig.ignore or []):
             continue
-        hit = next((sch for t, sch in targets if _matches(t, name, mod)), None)
+        hit = next((sch for t, sch in targets if _matches(t, name, mod, where)), None)
         if hit is not None and hit.weights is not None:
             plan[name] = hit
     tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -63,7 +68,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32):
                 if owner in plan and attr != "bias":  # scales in float32: decompression computes in their dtype
                     tensors.setdefault(owner, {})[attr] = t.float() if attr.endswith("_scale") else t
                 else:
-                    set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
+                    put_tensor(model, key, t.to(dtype) if t.is_floating_point() else t, path)
     for name, sch in plan.items():
         sd = tensors.get(name)
         if not sd:
@@ -75,6 +80,6 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32):
         except Exception as e:
             raise LowbitError(f"weights in {folder}: module {name} could not be decompressed as '{fmt}' "
                               f"({type(e).__name__}: {e}); the checkpoint is damaged or of an unsupported format") from None
-        set_tensor(model, name + ".weight", w.to(dtype))
+        put_tensor(model, name + ".weight", w.to(dtype), folder)
     source = {"name": folder.name, "kind": "compressed-tensors", "path": str(folder), "sha256": sources.sha256_memo(files)}
     return Model(finish_model(model, folder), load_tokenizer(folder), source, folder)
