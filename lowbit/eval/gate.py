@@ -10,6 +10,7 @@
         jargon: {max_acc_drop: 2.0, max_kld: 0.05}
         long_context: {max_ppl_increase_pct: 3.0, max_needle_drop: 0}
         json: {min_valid_pct: 98, max_valid_drop: 5, min_schema_valid_pct: 90, min_agreement_pct: 80}
+        structured: {max_kld: 0.05, max_top1_loss_pct: 3, max_nll_increase: 0.1}
         user: {file: my_evals.jsonl, min_pass_pct: 90, max_pass_drop: 5}
     latency: {p95_improvement_pct: 20, min_decode_speedup: 1.5}
     memory: {reduction_pct: 50}
@@ -43,6 +44,7 @@ SUITE_KEYS = {
     "jargon": {"max_acc_drop", "max_kld"},
     "long_context": {"max_ppl_increase_pct", "max_needle_drop", "min_needle_pct"},
     "json": {"min_valid_pct", "max_valid_drop", "min_schema_valid_pct", "min_agreement_pct"},
+    "structured": {"max_kld", "max_top1_loss_pct", "max_nll_increase"},
     "user": {"file", "min_pass_pct", "max_pass_drop"},
 }
 SECTION_KEYS = {
@@ -62,6 +64,7 @@ RANGES = {
     "quality.suites.long_context": {"max_ppl_increase_pct": _NONNEG, "max_needle_drop": _DROP, "min_needle_pct": _PCT},
     "quality.suites.json": {"min_valid_pct": _PCT, "max_valid_drop": _DROP, "min_schema_valid_pct": _PCT,
                             "min_agreement_pct": _PCT},
+    "quality.suites.structured": {"max_kld": _NONNEG, "max_top1_loss_pct": _PCT, "max_nll_increase": _NONNEG},
     "quality.suites.user": {"min_pass_pct": _PCT, "max_pass_drop": _DROP},
     "latency": {"p95_improvement_pct": (-1000, 100, True), "min_decode_speedup": (0, 1000, False)},
     "memory": {"reduction_pct": (-1000, 100, True)},
@@ -248,6 +251,12 @@ def _suite_rows(name: str, crit: dict, s: dict | None) -> list[dict]:
                    "max_valid_drop": ("json: valid JSON drop (points)", drop("json_valid_pct"), "<="),
                    "min_schema_valid_pct": ("json: schema-valid calls %", get("schema_valid_pct"), ">="),
                    "min_agreement_pct": ("json: calls agreeing with baseline %", get("agreement_with_baseline_pct"), ">=")}[key]
+        elif name == "structured":
+            inc = None if get("struct_nll") is None else get("struct_nll") - get("struct_nll", "baseline")
+            row = {"max_kld": ("structured: KLD on JSON structure tokens", get("struct_kld"), "<="),
+                   "max_top1_loss_pct": ("structured: structure tokens no longer top-1 %", get("struct_top1_loss_pct"),
+                                         "<="),
+                   "max_nll_increase": ("structured: NLL increase on structure tokens (nats)", inc, "<=")}[key]
         else:  # user
             row = {"min_pass_pct": ("user suite: pass %", get("pass_pct"), ">="),
                    "max_pass_drop": ("user suite: pass drop (points)", drop("pass_pct"), "<=")}[key]

@@ -1,0 +1,89 @@
+"""The structured-output suite: character classes of a JSON answer, and teacher-forced divergence that
+sees damage to the structure tokens which the value tokens and Wikipedia text do not show."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.eval.gate import evaluate as gate_eval
+from lowbit.eval.gate import parse_spec
+from lowbit.eval.suites import structured
+from tests.conftest import make_tiny_llama, make_tokenizer
+
+
+def test_char_classes_split_structure_keys_and_values():
+    text = '{"name": "a,b", "n": [1, 2]}'
+    cls = "".join(structured.char_classes(text))
+    assert cls[0] == "s" and cls[1] == "s" and cls[2:6] == "kkkk" and cls[6] == "s"  # {"name"
+    assert text[cls.index("v")] == "a" and cls[text.index("a,b") + 1] == "v"  # a comma inside a string is a value
+    assert cls[text.index("[")] == "s" and cls[text.index("1")] == "v" and cls[text.index("]")] == "s"
+
+
+def test_escaped_quotes_stay_inside_their_string():
+    text = '{"k\\"ey": "v\\"al"}'
+    cls = structured.char_classes(text)
+    assert [c for ch, c in zip(text, cls) if ch == ":"] == ["s"]
+    assert cls[text.index("e")] == "k" and cls[text.index("a")] == "v"
+
+
+def _handle(model):
+    return lowbit.Model(model, make_tokenizer())
+
+
+@pytest.fixture
+def base(monkeypatch):
+    monkeypatch.setattr(structured, "MAX_SAMPLE_TOKENS", 2048)  # the test tokenizer spends a token per byte
+    return _handle(make_tiny_llama(max_position_embeddings=2048))
+
+
+def _damage_structure_rows(module, tok, factor: float) -> None:
+    """Scale the output-head rows of tokens made only of JSON punctuation (the head is untied first)."""
+    rows = [i for t, i in tok.get_vocab().items()
+            if (text := tok.convert_tokens_to_string([t]).strip()) and set(text) <= set('{}[]:,"')]
+    with torch.no_grad():
+        module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone(), requires_grad=False)
+        module.lm_head.weight[rows] *= factor
+
+
+SPEC = {"quality": {"suites": {"structured": {"max_kld": 0.05, "max_top1_loss_pct": 3}}}}
+
+
+def test_same_model_scores_zero_and_damage_is_measured_and_gated(base):
+    same = structured.run(base, _handle(make_tiny_llama(max_position_embeddings=2048)), quick=True)
+    assert same.n >= 3 and same.candidate == pytest.approx(0.0, abs=1e-6)
+    assert same.metrics["struct_top1_loss_pct"]["candidate"] == 0
+    damaged = make_tiny_llama(max_position_embeddings=2048)
+    _damage_structure_rows(damaged, make_tokenizer(), -20.0)
+    res = structured.run(base, _handle(damaged), quick=True)
+    assert res.metrics["struct_kld"]["candidate"] > 0.05
+    assert res.metrics["struct_nll"]["candidate"] > res.metrics["struct_nll"]["baseline"]
+    spec = parse_spec(SPEC, "test")
+    assert gate_eval(spec, {"suites": [same.to_dict()], "baseline": {}, "candidate": {}})["passed"]
+    verdict = gate_eval(spec, {"suites": [res.to_dict()], "baseline": {}, "candidate": {}})
+    assert not verdict["passed"] and verdict["criteria"][0]["name"].startswith("structured: KLD")
+
+
+@pytest.mark.slow
+def test_on_the_bundled_model_structure_damage_shows_on_structure_tokens_and_int8_passes():
+    """SmolLM2 writes no valid tool call greedily, yet it predicts the structure of a given JSON answer:
+    scaling the structural tokens' head rows by 0.7 moves KLD on structure tokens far more than on
+    values, and fails the criteria an honest INT8 candidate passes."""
+    base = lowbit.load("smollm2-135m")
+    damaged = lowbit.load("smollm2-135m")
+    _damage_structure_rows(damaged.module, damaged.tokenizer, 0.7)
+    res = structured.run(base, damaged, quick=True)
+    m = res.metrics
+    assert m["struct_kld"]["candidate"] > 5 * m["value_kld"]["candidate"]
+    assert m["struct_top1_loss_pct"]["candidate"] > 10
+    honest = structured.run(base, lowbit.quantize(lowbit.load("smollm2-135m"), "int8"), quick=True)
+    spec = parse_spec(SPEC, "test")
+    assert gate_eval(spec, {"suites": [honest.to_dict()], "baseline": {}, "candidate": {}})["passed"]
+    assert not gate_eval(spec, {"suites": [res.to_dict()], "baseline": {}, "candidate": {}})["passed"]
+
+
+def test_samples_longer_than_the_model_are_skipped_with_a_clear_error_when_none_is_left():
+    short = _handle(make_tiny_llama(max_position_embeddings=64))
+    with pytest.raises(lowbit.LowbitError, match="structured"):
+        structured.run(short, short, quick=True)
