@@ -341,9 +341,10 @@ def _print_eval(run: dict) -> None:
 def eval_cmd(
     baseline: str = typer.Argument(..., help="The reference model: bundled name, HF folder, GGUF, or lowbit artifact."),
     candidate: str = typer.Argument(..., help="The model to judge (same tokenizer)."),
-    suites: str = typer.Option("general,jargon,long_context,json,structured", "--suites",
+    suites: str = typer.Option("general,jargon,long_context,json,structured,json_tasks", "--suites",
                                help="Comma list of general, jargon, long_context, json (BFCL calls, generated), "
-                                    "structured (KLD on JSON structure tokens of given answers), and user:FILE.jsonl."),
+                                    "structured (KLD on JSON structure tokens of given answers), json_tasks (short "
+                                    "JSON formatting tasks, generated), and user:FILE.jsonl."),
     quick: bool = typer.Option(False, "--quick", help="Small samples: about a minute on the bundled model."),
     samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Wikipedia samples for divergence (16; quick 4)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=16, help="Tokens per sample (256; quick 128)."),

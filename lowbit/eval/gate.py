@@ -11,6 +11,7 @@
         long_context: {max_ppl_increase_pct: 3.0, max_needle_drop: 0}
         json: {min_valid_pct: 98, max_valid_drop: 5, min_schema_valid_pct: 90, min_agreement_pct: 80}
         structured: {max_kld: 0.05, max_top1_loss_pct: 3, max_nll_increase: 0.1}
+        json_tasks: {min_valid_pct: 80, max_valid_drop: 10, max_correct_drop: 10}
         user: {file: my_evals.jsonl, min_pass_pct: 90, max_pass_drop: 5}
     latency: {p95_improvement_pct: 20, min_decode_speedup: 1.5}
     memory: {reduction_pct: 50}
@@ -45,6 +46,7 @@ SUITE_KEYS = {
     "long_context": {"max_ppl_increase_pct", "max_needle_drop", "min_needle_pct"},
     "json": {"min_valid_pct", "max_valid_drop", "min_schema_valid_pct", "min_agreement_pct"},
     "structured": {"max_kld", "max_top1_loss_pct", "max_nll_increase"},
+    "json_tasks": {"min_valid_pct", "max_valid_drop", "max_correct_drop"},
     "user": {"file", "min_pass_pct", "max_pass_drop"},
 }
 SECTION_KEYS = {
@@ -65,6 +67,7 @@ RANGES = {
     "quality.suites.json": {"min_valid_pct": _PCT, "max_valid_drop": _DROP, "min_schema_valid_pct": _PCT,
                             "min_agreement_pct": _PCT},
     "quality.suites.structured": {"max_kld": _NONNEG, "max_top1_loss_pct": _PCT, "max_nll_increase": _NONNEG},
+    "quality.suites.json_tasks": {"min_valid_pct": _PCT, "max_valid_drop": _DROP, "max_correct_drop": _DROP},
     "quality.suites.user": {"min_pass_pct": _PCT, "max_pass_drop": _DROP},
     "latency": {"p95_improvement_pct": (-1000, 100, True), "min_decode_speedup": (0, 1000, False)},
     "memory": {"reduction_pct": (-1000, 100, True)},
@@ -257,6 +260,10 @@ def _suite_rows(name: str, crit: dict, s: dict | None) -> list[dict]:
                    "max_top1_loss_pct": ("structured: structure tokens no longer top-1 %", get("struct_top1_loss_pct"),
                                          "<="),
                    "max_nll_increase": ("structured: NLL increase on structure tokens (nats)", inc, "<=")}[key]
+        elif name == "json_tasks":
+            row = {"min_valid_pct": ("json tasks: valid JSON %", get("valid_pct"), ">="),
+                   "max_valid_drop": ("json tasks: valid JSON drop (points)", drop("valid_pct"), "<="),
+                   "max_correct_drop": ("json tasks: correct answers drop (points)", drop("correct_pct"), "<=")}[key]
         else:  # user
             row = {"min_pass_pct": ("user suite: pass %", get("pass_pct"), ">="),
                    "max_pass_drop": ("user suite: pass drop (points)", drop("pass_pct"), "<=")}[key]

@@ -16,7 +16,7 @@ from lowbit.model.handle import Model
 from lowbit.model.load import load_model
 from lowbit.version import __version__
 
-SUITES = ("general", "jargon", "long_context", "json", "structured")  # plus "user:<file>"
+SUITES = ("general", "jargon", "long_context", "json", "structured", "json_tasks")  # plus "user:<file>"
 Say = Callable[[str], None]
 
 
@@ -103,6 +103,10 @@ def run_suite(name: str, base: Model, cand: Model, opts: EvalConfig):
         return text_suites.jargon(base, cand, quick=opts.quick)
     if name == "long_context":
         return text_suites.long_context(base, cand, quick=opts.quick, context=opts.context)
+    if name == "json_tasks":
+        from lowbit.eval.suites import json_tasks
+
+        return json_tasks.run(base, cand, quick=opts.quick)
     if name == "structured":
         from lowbit.eval.suites import structured
 
