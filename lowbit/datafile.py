@@ -370,13 +370,22 @@ def check_user_schema(schema: Any, where: str) -> None:
     if pattern_props and unevaluated:
         raise LowbitError(f"{where}: 'unevaluatedProperties' together with 'patternProperties' is not supported "
                           f"(its regexes would run without a timeout); fix: use 'additionalProperties'")
-    validator = schema_validator(schema)
-    try:  # a $ref loop or a dangling $ref shows on the first instance that reaches it
-        for instance in (None, {}):
-            validator.is_valid(instance)
+    for instance in (None, {}):  # a $ref loop or a dangling $ref shows on the first instance that reaches it
+        schema_is_valid(schema, instance, where)
+
+
+def schema_is_valid(schema: Any, data: Any, where: str) -> bool:
+    """Does data validate against a user's schema (offline, regexes under a timeout)? A $ref that cannot
+    be resolved, a $ref loop or a pattern that times out is a LowbitError naming `where`."""
+    import referencing.exceptions
+
+    try:
+        return schema_validator(schema).is_valid(data)
+    except LowbitError as e:  # a schema 'pattern' that timed out
+        raise LowbitError(f"{where}: {e}") from None
     except referencing.exceptions.Unresolvable as e:
-        raise LowbitError(f"{where}: a $ref cannot be resolved ({_clip(str(e), 200)}); fix: point it at a part of the "
-                          f"schema, e.g. \"#/$defs/NAME\"") from None
+        raise LowbitError(f"{where}: a $ref cannot be resolved offline ({_clip(str(e), 200)}); fix: point it at a "
+                          f"part of the schema, e.g. \"#/$defs/NAME\"") from None
     except RecursionError:
-        raise LowbitError(f"{where}: the schema's $refs loop (a $ref that leads back to itself without "
-                          f"descending into the value); fix: break the loop") from None
+        raise LowbitError(f"{where}: the schema's $refs loop (a $ref that leads back to itself without descending "
+                          f"into the value) or the value nests too deeply; fix: break the loop") from None
