@@ -25,17 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from presets import write_section  # noqa: E402
-
-
-def damage_structure_rows(module, tok, factor: float) -> int:
-    import torch
-
-    rows = [i for t, i in tok.get_vocab().items()
-            if (text := tok.convert_tokens_to_string([t]).strip()) and set(text) <= set('{}[]:,"')]
-    with torch.no_grad():
-        module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone(), requires_grad=False)
-        module.lm_head.weight[rows] *= factor
-    return len(rows)
+from tests.eval.test_structured import damage_structure_rows  # noqa: E402  (the planted damage the tests use)
 
 
 def main() -> None:

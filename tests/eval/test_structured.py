@@ -38,13 +38,15 @@ def base(monkeypatch):
     return _handle(make_tiny_llama(max_position_embeddings=2048))
 
 
-def _damage_structure_rows(module, tok, factor: float) -> None:
-    """Scale the output-head rows of tokens made only of JSON punctuation (the head is untied first)."""
+def damage_structure_rows(module, tok, factor: float) -> int:
+    """Scale the output-head rows of tokens made only of JSON punctuation (the head is untied first);
+    benchmarks/structured.py plants the same damage."""
     rows = [i for t, i in tok.get_vocab().items()
             if (text := tok.convert_tokens_to_string([t]).strip()) and set(text) <= set('{}[]:,"')]
     with torch.no_grad():
         module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone(), requires_grad=False)
         module.lm_head.weight[rows] *= factor
+    return len(rows)
 
 
 SPEC = {"quality": {"suites": {"structured": {"max_kld": 0.05, "max_top1_loss_pct": 3}}}}
@@ -55,7 +57,7 @@ def test_same_model_scores_zero_and_damage_is_measured_and_gated(base):
     assert same.n >= 3 and same.candidate == pytest.approx(0.0, abs=1e-6)
     assert same.metrics["struct_top1_loss_pct"]["candidate"] == 0
     damaged = make_tiny_llama(max_position_embeddings=2048)
-    _damage_structure_rows(damaged, make_tokenizer(), -20.0)
+    damage_structure_rows(damaged, make_tokenizer(), -20.0)
     res = structured.run(base, _handle(damaged), quick=True)
     assert res.metrics["struct_kld"]["candidate"] > 0.05
     assert res.metrics["struct_nll"]["candidate"] > res.metrics["struct_nll"]["baseline"]
@@ -72,7 +74,7 @@ def test_on_the_bundled_model_structure_damage_shows_on_structure_tokens_and_int
     values, and fails the criteria an honest INT8 candidate passes."""
     base = lowbit.load("smollm2-135m")
     damaged = lowbit.load("smollm2-135m")
-    _damage_structure_rows(damaged.module, damaged.tokenizer, 0.7)
+    damage_structure_rows(damaged.module, damaged.tokenizer, 0.7)
     res = structured.run(base, damaged, quick=True)
     m = res.metrics
     assert m["struct_kld"]["candidate"] > 5 * m["value_kld"]["candidate"]
