@@ -343,8 +343,6 @@ def schema_validator(schema: Any):
 def check_user_schema(schema: Any, where: str) -> None:
     """Refuse what a user's JSON schema could do to lowbit, at load time: `$ref`s that are not internal
     ('#...'), bad or too heavy regexes, `$ref` loops and unresolvable refs. `where` names file and field."""
-    import referencing.exceptions
-
     stack, pattern_props, unevaluated = [schema], False, False
     while stack:
         node = stack.pop()

@@ -230,3 +230,11 @@ def test_a_compressed_tensors_folder_with_a_foreign_tensor_or_slow_regex_is_refu
     save_file({k: v for k, v in sd.items() if "layers.9" not in k}, str(files[0]), metadata={"format": "pt"})
     edit_json(ct / "config.json", lambda d: d["quantization_config"].update(ignore=["re:(a|aa)+$" + "x" * 2000]))
     refused("generate", ct, "--prompt", "hi", match="regular expression")
+
+
+def test_the_header_check_accepts_exactly_the_dtypes_the_reader_reads():
+    from lowbit.model.sources import ST_ITEM_BYTES
+    from lowbit.model.st_reader import DTYPES
+
+    assert set(ST_ITEM_BYTES) == set(DTYPES)
+    assert all(ST_ITEM_BYTES[k] == DTYPES[k].itemsize for k in DTYPES)

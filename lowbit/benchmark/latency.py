@@ -244,7 +244,9 @@ def ratios(base: dict, cand: dict) -> dict:
 
 # -- the benchmark ---------------------------------------------------------------------------------
 def check_fits(loaded: Model, config: BenchConfig) -> None:
-    limit = getattr(loaded.module.config, "max_position_embeddings", None)
+    from lowbit.runtime.generate import context_length
+
+    limit = context_length(loaded.module.config)
     need = config.max_prompt_tokens + config.output_tokens
     if limit is not None and need > limit:
         raise LowbitError(f"bench options: prompts up to {config.max_prompt_tokens} tokens plus "

@@ -158,13 +158,11 @@ def _write_compressed(handle: Model, out: str | Path, force: bool = False, progr
     if isinstance(emb, QEmbedding):
         # compressed-tensors has no quantized embedding: write the table as the head's rows, dequantized
         # (exact values, in keep_dtype), beside the quantized head
-        table = nn.Embedding(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx)
-        table.weight = nn.Parameter(emb.head.dequantized_weight(keep), requires_grad=False)
-        if emb.embed_scale is not None:  # Gemma-style scaled embedding: keep the module type transformers builds
-            table = None
-        if table is None:
+        if emb.embed_scale is not None:  # Gemma-style scaled embedding: a plain table would lose the scale
             raise LowbitError("compressed-tensors export: this model's scaled embedding reads a quantized head; "
                               "fix: quantize with the head kept (recipe ignore: [lm_head]) for this export")
+        table = nn.Embedding(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx)
+        table.weight = nn.Parameter(emb.head.dequantized_weight(keep), requires_grad=False)
         model.set_input_embeddings(table)
     res = CTExport(out, {})
     requant: dict[str, list[str]] = {}

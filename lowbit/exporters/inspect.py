@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from lowbit.errors import LowbitError
 from lowbit.model.artifact import WEIGHTS_FILE, check_files, check_tensors, read_meta
 from lowbit.model.quantize import plans_from_json
+from lowbit.model.st_reader import read_header
 from lowbit.model.sources import ARTIFACT_FILE, ST_ITEM_BYTES, check_safetensors
 
 _BYTES = ST_ITEM_BYTES
@@ -16,11 +15,7 @@ _BYTES = ST_ITEM_BYTES
 
 def _header(path: Path) -> dict:
     check_safetensors(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+    return read_header(path)[1]
 
 
 def compute_path(spec: dict | None, in_features: int = 0, has_perm: bool = False, out_features: int = 16) -> str:

@@ -164,7 +164,7 @@ def stored_layout(spec: QuantSpec, rows: int, cols: int) -> tuple[dict[str, tupl
     if spec.kind == "int":
         sdt = affine.torch_dtype(spec.scale_dtype)
         if spec.bits < 8:
-            qdata = ((rows, -(-cols * spec.bits // 8)), torch.uint8)
+            qdata = ((rows, packing.packed_cols(cols, spec.bits)), torch.uint8)
         else:
             qdata = ((rows, cols), torch.int8 if spec.symmetric else torch.uint8)
         need = {"qdata": qdata, "scale": (groups, sdt)}
@@ -176,7 +176,7 @@ def stored_layout(spec: QuantSpec, rows: int, cols: int) -> tuple[dict[str, tupl
             need["input_scale"] = ((), torch.float32)
         return need, optional
     if spec.kind == "nf4":
-        need = {"qdata": ((rows, -(-cols // 2)), torch.uint8)}
+        need = {"qdata": ((rows, packing.packed_cols(cols, 4)), torch.uint8)}
         if spec.double_quant:
             blocks = -(-(groups[0] * groups[1]) // nf4.DQ_BLOCK)
             need.update(absmax_q=((blocks, nf4.DQ_BLOCK), torch.int8), absmax_scale=((blocks,), torch.float32),

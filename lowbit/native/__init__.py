@@ -69,7 +69,6 @@ NEEDS["avx512vnni"] = NEEDS["avx512"] | F_VNNI
 # (docs/BENCHMARKS.md, section "Native kernel paths"): INT8's float GEMM catches up with its native
 # kernel around here; INT4's native kernel stays faster.
 DEQUANT_ROWS = 64
-MAX_ROWS = DEQUANT_ROWS - 1
 
 
 class Kernels:

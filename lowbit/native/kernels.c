@@ -102,15 +102,6 @@ int lb_cpu_features(void) {
 /* Which path this build is (0 generic, 1 avx2, 2 avx512, 3 avx512vnni). */
 int lb_isa(void) { return LB_ISA; }
 
-/* Whether this CPU can run this build. */
-int lb_supported(void) {
-    int f = lb_cpu_features(), need = 0;
-    if (LB_ISA >= 1) need |= F_AVX2 | F_FMA | F_F16C;
-    if (LB_ISA >= 2) need |= F_AVX512F | F_AVX512BW | F_AVX512VL;
-    if (LB_ISA >= 3) need |= F_VNNI;
-    return (f & need) == need;
-}
-
 /* ---------------------------------------------------------------- thread pool ------------- */
 typedef void (*lb_task)(void *arg, int begin, int end);
 

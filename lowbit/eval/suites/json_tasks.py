@@ -19,6 +19,7 @@ import jsonschema
 from lowbit.data.corpora import wikipedia_articles
 from lowbit.eval.suites.tool_calling import json_values
 from lowbit.eval.types import Case, SuiteResult
+from lowbit.runtime.generate import encode_prompt
 
 MAX_NEW_TOKENS = 40
 
@@ -54,13 +55,8 @@ def score(text: str, task: dict) -> dict:
 
 
 def _encode(tokenizer, prompt: str):
-    import torch
-
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return torch.tensor(tokenizer(prompt + "\n")["input_ids"])
+    """The prompt's ids (1-D) in the model's chat format, or plain when it has none."""
+    return encode_prompt(tokenizer, prompt, chat=True)["input_ids"][0]
 
 
 def run(baseline, candidate, quick: bool = False, n: int | None = None) -> SuiteResult:

@@ -65,7 +65,7 @@ def char_classes(answer: str) -> list[str]:
 
 
 def _wiki_samples(n: int, seed: int) -> list[dict]:
-    arts = [a for a in wikipedia_articles() if len(a[1]) > 600]
+    arts = wikipedia_articles()  # bodies of 2000+ characters
     rng = random.Random(seed)
     out = []
     for title, body in rng.sample(arts, min(n, len(arts))):
@@ -100,12 +100,12 @@ def _bfcl_samples(tokenizer, n: int, seed: int) -> list[dict]:
     return out
 
 
-def _prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
-    """The prompt in the model's chat format (True), or plain with a newline (False) when it has none."""
+def _prompt_text(tokenizer, prompt: str) -> str:
+    """The prompt in the model's chat format, or plain with a newline when it has none."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False), True
-    return prompt + "\n", False
+                                             tokenize=False)
+    return prompt + "\n"
 
 
 def _encode(tokenizer, prompt_text: str, answer: str, templated: bool):
@@ -142,7 +142,7 @@ def run(baseline, candidate, quick: bool = False, n: int | None = None, seed: in
     samples = _wiki_samples(n_each, seed)
     templated = bool(getattr(tok, "chat_template", None))
     for s in samples:
-        s["prompt_text"] = _prompt_text(tok, s["prompt"])[0]
+        s["prompt_text"] = _prompt_text(tok, s["prompt"])
     samples += _bfcl_samples(tok, n_each, seed)
     context = getattr(baseline.module.config, "max_position_embeddings", None) or MAX_SAMPLE_TOKENS
     limit = min(MAX_SAMPLE_TOKENS, context)  # prompt + answer must fit the model: longer samples are skipped
