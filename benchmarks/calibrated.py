@@ -48,7 +48,7 @@ from lowbit.eval.perplexity import token_windows  # noqa: E402
 from lowbit.exporters.inspect import artifact_summary  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.recipe import PRESETS, Recipe, _int  # noqa: E402
-from presets import CAVEATS, compare, write_section  # noqa: E402
+from presets import caveat, compare, write_section  # noqa: E402
 
 SCHEMES = {
     "w4-g128": PRESETS["w4-g128"],
@@ -281,7 +281,7 @@ def write_table(args, rows: list[dict], windows: torch.Tensor, final: bool) -> N
                   + "; ".join(f"{k}: {v}" for k, v in mixes.items()) + "."]
     lines += goal_lines(rows)
     fell = sum(r.get("fallbacks", 0) for r in rows)
-    lines += ["", CAVEATS.get(args.model, "")]
+    lines += ["", caveat(args.model)]
     if fell:
         lines += ["", f"{fell} module(s) fell back to round-to-nearest (Hessian not positive definite)."]
     if not final:

@@ -71,14 +71,16 @@ def main() -> None:
         png = screenshot(html, tmp / "report.png")
         shot = png_stats(png)
 
+    from lowbit import native
+
     lines = [
         f"## Gate on {args.model}: time, verdicts and suite scores",
         "",
         f"Written by `benchmarks/gate.py --model {args.model}` on {time.strftime('%Y-%m-%d')}: `lowbit gate default "
         f"{args.model} CANDIDATE [--quick]` through the CLI in a fresh process each (wall time includes Python start, "
         f"loading both models and writing the report). The default spec is in `lowbit/eval/gate.py` and docs/gate.md. "
-        f"The damaged candidate is INT8 with `model.layers.3.mlp.down_proj` at 2 bits per channel. All compute is "
-        f"on the reference (dequantize + matmul) path; the bundled weights sit on a Q4_1 grid (see the presets table).",
+        f"The damaged candidate is INT8 with `model.layers.3.mlp.down_proj` at 2 bits per channel. CPU kernels: "
+        f"{native.describe()}; the bundled weights sit on a Q4_1 grid (see the presets table).",
         "",
         "| candidate | mode | wall time | exit code | verdict | criteria passed | mean KLD | p99 KLD | worst-sample KLD | top-1 |",
         "|---|---|---|---|---|---|---|---|---|---|",

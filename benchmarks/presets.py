@@ -31,15 +31,30 @@ from lowbit.exporters.inspect import artifact_summary  # noqa: E402
 from lowbit.model.load import load_model  # noqa: E402
 from lowbit.recipe import PRESETS  # noqa: E402
 
-HEAD_NOTE = "The output head, tied to the embeddings, is INT8 per row in every preset, and its rows serve the embedding lookups, so whole-model bits/weight are close to the linear layers' figure. The quantized rows run lowbit's CPU kernels as they stand on this machine (w8a8-dynamic: 7-bit activations on a CPU without VNNI, which is most of its loss here)."
+HEAD_NOTE = "The output head, tied to the embeddings, is INT8 per row in every preset, and its rows serve the embedding lookups, so whole-model bits/weight are close to the linear layers' figure. The quantized rows run lowbit's CPU kernels as they stand on this machine"
+
+
+def head_note() -> str:
+    """HEAD_NOTE plus what this CPU does to w8a8-dynamic (7-bit activations without VNNI, as PyTorch does)."""
+    from lowbit import native
+
+    vnni = "avx512vnni" in native.supported_isas()
+    return HEAD_NOTE + (f" ({native.describe()})." if vnni else
+                        f" ({native.describe()}; w8a8-dynamic: 7-bit activations on a CPU without VNNI, which is most "
+                        f"of its loss here).")
 
 CAVEATS = {
     "smollm2-135m": "The bundled SmolLM2 weights were distributed as Q4_1 (4-bit, group 32, asymmetric with a float "
                     "minimum), so they already sit on a coarse 4-bit grid: 4-bit rows here look better than they "
-                    "would on a true FP16 checkpoint. " + HEAD_NOTE,
+                    "would on a true FP16 checkpoint.",
     "gemma3-270m": "Gemma-3-270M was distributed as Q4_K_M GGUF (mostly Q5_0 here); 169M of its 268M parameters "
-                   "are embeddings, tied to the head. " + HEAD_NOTE,
+                   "are embeddings, tied to the head.",
 }
+
+
+def caveat(model: str) -> str:
+    """What a reader of a table on `model` needs to know: how its weights were distributed, the head."""
+    return (CAVEATS.get(model, "") + " " + head_note()).strip()
 
 
 @torch.no_grad()
@@ -125,7 +140,7 @@ def main() -> None:
             f"{s['linear_bits_per_weight']:.2f} | {s['model_bits_per_weight']:.2f} | {m['ppl']:.3f} | "
             f"{100 * (m['ppl'] / m['ppl_base'] - 1):+.1f}% | {m['kld']:.4f} | {m['top1']:.3f} | {qtime:.0f} s |")
     notes = {n for _, _, s, _, _ in rows for r in s["modules"] if (n := r["note"]) and "tied" not in n}
-    lines += ["", CAVEATS.get(args.model, "")]
+    lines += ["", caveat(args.model)]
     if notes:
         lines += ["", "Group-size fallbacks applied (recipe `group_fallback: shrink`): " + "; ".join(sorted(notes)) + "."]
     write_section(args.out, f"presets-{args.model}", "\n".join(lines))

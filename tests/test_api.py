@@ -74,3 +74,12 @@ def test_export_and_generate_check_their_options_first(tiny_dir, tmp_path):
     assert out.tokens == 4 and out.text == "".join(pieces) and out.engine
     res = lowbit.export(m, format="gguf", out=tmp_path / "m.gguf")
     assert res.path.stat().st_size > 0 and res.exact + res.requantized == 15
+
+
+def test_an_artifact_just_saved_is_checked_without_hashing_its_files_again(tiny_dir, tmp_path, monkeypatch):
+    from lowbit.exporters.inspect import artifact_summary
+    from lowbit.model import sources
+
+    out = lowbit.save(lowbit.quantize(lowbit.load(tiny_dir), "w4-g32"), tmp_path / "a")
+    monkeypatch.setattr(sources, "sha256_files", lambda paths: pytest.fail(f"hashed again: {paths}"))
+    assert artifact_summary(out)["modules"]  # the weights' sha256 was remembered when they were written

@@ -473,6 +473,8 @@ def save_artifact(model: Model, out: str | Path, force: bool = False) -> Path:
                              if (tmp / name).is_file()}  # checked on every load: a swapped or edited file is refused
             (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
             move_into_place(tmp, out)
+            for name, digest in meta["files"].items():  # `lowbit info` / load right after: no second read
+                sources.remember_hash(out / name, digest)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -279,8 +279,9 @@ def sha256_memo(paths: list[Path]) -> str:
     return hashlib.sha256("".join(_hash_memo(p) for p in paths).encode()).hexdigest()
 
 
-def _hash_memo(path: Path) -> str:
-    """sha256 of a file, remembered next to the cache keyed by size and mtime."""
+def _hash_memo(path: Path, digest: str | None = None) -> str:
+    """sha256 of a file, remembered next to the cache keyed by size and mtime. A digest the caller
+    already computed from the same bytes (a file just written) is remembered without reading the file."""
     st = path.stat()
     memo = cache_root() / "hashes.json"
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -289,12 +290,18 @@ def _hash_memo(path: Path) -> str:
     except (OSError, json.JSONDecodeError):
         table = {}
     if key not in table:
-        table[key] = sha256_files([path])
+        table[key] = digest or sha256_files([path])
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".hashes.{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps(table))
         os.replace(tmp, memo)
     return table[key]
+
+
+def remember_hash(path: Path, digest: str) -> None:
+    """Record the sha256 of a file this process just wrote (renaming keeps its size and mtime), so the
+    next check of it reads nothing."""
+    _hash_memo(path, digest)
 
 
 def converted_folder(source: ModelSource, progress=None) -> tuple[Path, str]:
