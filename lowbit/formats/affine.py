@@ -66,20 +66,26 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     return qparams_from_range(g.amin(dim=-1), g.amax(dim=-1), spec)
 
 
+def range_scale(span: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The step that maps a range (amax, or max - min) onto qmax steps; 1 where the range is empty, so
+    an all-zero group gets a usable scale (its codes are zero either way)."""
+    return torch.where(span > 0, span / qmax, torch.ones_like(span))
+
+
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """choose_qparams from each group's min and max (any shape); clipping searches shrink the range."""
     qmin, qmax = qrange(spec.bits, spec.symmetric)
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = range_scale(amax, qmax)
         return _store_scale(scale, spec), None
     if spec.zero_domain == "float":
         span = hi - lo
-        scale = _store_scale(torch.where(span > 0, span / qmax, torch.ones_like(span)), spec)
+        scale = _store_scale(range_scale(span, qmax), spec)
         return scale, lo.to(torch_dtype(spec.scale_dtype))
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = hi - lo
-    scale = _store_scale(torch.where(span > 0, span / qmax, torch.ones_like(span)), spec)
+    scale = _store_scale(range_scale(span, qmax), spec)
     zero = round_to_grid(-lo, scale.float(), qmin, qmax).to(torch.uint8)
     return scale, zero
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.affine import as_groups
+from lowbit.formats.affine import as_groups, range_scale
 
 DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -16,7 +16,7 @@ def fmax(kind: str) -> float:
 def choose_scale(x: torch.Tensor, spec) -> torch.Tensor:
     """Scale (rows, n_groups) so that amax maps to the format's largest finite value."""
     amax = as_groups(x.float(), spec).abs().amax(dim=-1)
-    return torch.where(amax > 0, amax / fmax(spec.kind), torch.ones_like(amax))
+    return range_scale(amax, fmax(spec.kind))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:

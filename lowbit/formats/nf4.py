@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.affine import as_groups, quantize_symmetric_int8
+from lowbit.formats.affine import as_groups, quantize_symmetric_int8, range_scale
 from lowbit.formats.spec import QuantSpec
 
 # QLoRA's offset: the quantile range is [1 - offset, offset] with offset = 1/2 (1/(2*15) + 1/(2*16))...
@@ -42,7 +42,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     pad = (-flat.numel()) % DQ_BLOCK
     centered = torch.nn.functional.pad(centered, (0, pad)).reshape(-1, DQ_BLOCK)  # (n_blocks, 256)
     amax = centered.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    scale = range_scale(amax, 127)
     q = quantize_symmetric_int8(centered, scale.unsqueeze(-1))
     return q, scale, mean.reshape(1)
 

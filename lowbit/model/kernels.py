@@ -171,6 +171,8 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
         y = _int8_gemm(x.reshape(-1, x.shape[-1]), p, activation, input_scale)
     else:
         x2 = x.reshape(-1, x.shape[-1])
+        if "perm" in p:  # GPTQ act-order: the stored columns are a permutation of the inputs (int4 only)
+            x2 = x2.index_select(-1, p["perm"])
         rows = x2.shape[0]
         small = rows < native.DEQUANT_ROWS
         if plan.name in NATIVE_KERNELS and (native_layout(p) or plan.name == "int8pack"):
@@ -186,8 +188,6 @@ def run(plan: KernelPlan, p: dict[str, torch.Tensor], qt_fn, x: torch.Tensor, bi
             return y.to(x.dtype).reshape(*shape, out_features)
         xb = x2.to(torch.bfloat16)
         if plan.name == "int4pack":  # torch's int4pack (native code unavailable when it was packed)
-            if "perm" in p:
-                xb = xb.index_select(-1, p["perm"])
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p["w"], plan.group, p["sz"])
         else:
             y = F.linear(xb, dequantize_tensor(qt_fn(), torch.bfloat16))
@@ -201,8 +201,6 @@ def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> t
     """Small batches (decode): lowbit's native kernels on its own layouts (lowbit/native)."""
     if plan.name == "int8pack":
         return native.int8_mm(x2, p["w"], p["s"])
-    if "perm" in p:
-        x2 = x2.index_select(-1, p["perm"])
     return native.int4_mm(x2, p["w"], p["p"], plan.group, out_features, plan.center)
 
 
@@ -212,8 +210,6 @@ def _dequantized_gemm(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features:
     x2 = x2.float()
     if plan.name == "int8pack":
         return torch.mm(x2, p["w"].t().float()) * p["s"]
-    if "perm" in p:
-        x2 = x2.index_select(-1, p["perm"])
     if native.available():
         return torch.mm(x2, native.int4_dequant_t(p["w"], p["p"], plan.group, out_features))
     return torch.mm(x2, layout.q4_weight(p["w"], p["p"], out_features, x2.shape[1], plan.group).t())

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 from lowbit.errors import LowbitError
-from lowbit.formats.affine import quantize_symmetric_int8
+from lowbit.formats.affine import quantize_symmetric_int8, range_scale
 
 KV_KINDS = ("none", "int8", "fp8")
 _FP8 = torch.float8_e4m3fn
@@ -39,7 +39,7 @@ def quantize_kv(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]
     """x (..., head_dim) -> codes (..., head_dim) and scales (..., 1) in fp32."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / _QMAX[kind], torch.ones_like(amax))
+    scale = range_scale(amax, _QMAX[kind])
     if kind == "int8":
         return quantize_symmetric_int8(xf, scale), scale
     return (xf / scale).to(_FP8), scale

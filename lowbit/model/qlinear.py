@@ -25,7 +25,7 @@ from torch import nn
 
 from lowbit.formats import QTensor, QuantSpec, dequantize_tensor, quantize_tensor
 from lowbit.formats import packing
-from lowbit.formats.affine import quantize_symmetric_int8
+from lowbit.formats.affine import quantize_symmetric_int8, range_scale
 from lowbit import native
 from lowbit.model import kernels
 from lowbit.native import layout
@@ -158,7 +158,7 @@ class QLinear(nn.Module):
             sx = self.input_scale.float().reshape(1, 1)
         else:
             amax = x2.abs().amax(dim=-1, keepdim=True)  # (tokens, 1)
-            sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+            sx = range_scale(amax, 127)
         xq = quantize_symmetric_int8(x2, sx)
         return torch._int_mm(xq, self.qdata.t()).float() * sx * self.scale.float().reshape(1, -1)
 
