@@ -504,6 +504,79 @@ def runs(
     out.print(t)
 
 
+
+@app.command()
+@_handle_errors
+def tune(
+    model: str = typer.Argument(..., help="The float model: bundled name, Hugging Face folder or .gguf file."),
+    spec: str = typer.Option("default", "--spec", help="Success criteria: a gate spec YAML, or 'default' (docs/gate.md)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Where the chosen model is written (a lowbit artifact)."),
+    max_bits: Optional[float] = typer.Option(None, "--max-bits", help="Budget: bits per weight over the whole model."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget: stored weight bytes, e.g. 90MB."),
+    min_memory_reduction: Optional[float] = typer.Option(None, "--min-memory-reduction",
+                                                         help="Budget: percent below the float model's weight bytes."),
+    method: str = typer.Option("gptq", "--method", help="How each trial quantizes: rtn, rtn-mse, gptq, awq, awq-gptq."),
+    calib: str = typer.Option("mix", "--calib", help="Calibration prompts (.txt/.jsonl, or wikipedia, python-docs, mix)."),
+    samples: int = typer.Option(32, "--samples", min=1, help="Calibration windows (sensitivity and trials)."),
+    seq_len: int = typer.Option(256, "--seq-len", min=16, help="Tokens per calibration window."),
+    measurement: Optional[Path] = typer.Option(None, "--measurement",
+                                               help="Sensitivity file: read when it exists (same model), else written "
+                                                    "(default: OUT-tune/measurement.json)."),
+    menu: Optional[str] = typer.Option(None, "--menu", help="Comma list of formats the tuner may use (default: all of "
+                                       "f16, int8-ch, int5-g32-asym, int5-g32, int4-g32-asym, int4-g32, int4-g64-asym, "
+                                       "int4-g128-asym, int3-g64-asym, int3-g128-asym)."),
+    gguf: bool = typer.Option(False, "--gguf", help="Only formats that are GGUF block types (Q8_0, Q5_0, Q5_1, Q4_0, "
+                                                    "Q4_1), so the result exports to GGUF block for block."),
+    max_trials: int = typer.Option(8, "--max-trials", min=1, help="Candidates built and gated at most."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 20m; the best "
+                                              "trial so far is kept."),
+    quick: bool = typer.Option(False, "--quick", help="Each trial's gate with small samples."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+) -> None:
+    """Find the smallest model that passes your criteria (or the best one under a size budget):
+    measure every module's sensitivity, allocate formats, then quantize and gate candidates until one
+    passes. Writes the model to --out and the recipe, trial table and report to OUT-tune/. Exit code 0
+    when a trial passed, 1 when none did (the closest are listed), 2 on bad input.
+
+    Example: lowbit tune smollm2-135m --spec default --max-bits 4.5 --out out/smollm2-tuned
+    """
+    from lowbit.eval.gate import load_spec
+    from lowbit.tuner import TuneConfig, write_outputs
+    from lowbit.tuner import tune as run_tune
+    from lowbit.tuning import parse_duration, parse_size
+    from lowbit.tuning.menu import GGUF_MENU, parse_menu
+
+    sp = load_spec(spec)  # a bad spec fails before any model loads
+    if gguf and menu:
+        raise LowbitError("tune: give --gguf or --menu, not both")
+    work = out_dir.parent / f"{out_dir.name}-tune"
+    cfg = TuneConfig(spec=sp, max_bits=max_bits, max_size=parse_size(max_size) if max_size else None,
+                     min_memory_reduction=min_memory_reduction, method=method, calib=calib, samples=samples,
+                     seq_len=seq_len, measurement=measurement or work / "measurement.json",
+                     menu=GGUF_MENU if gguf else parse_menu(menu), max_trials=max_trials,
+                     time_budget_s=parse_duration(time_budget) if time_budget else None, quick=quick)
+    cfg.check()
+    res = run_tune(model, cfg, out=out_dir, force=force, say=_say)
+    paths = write_outputs(res, model, cfg, work, out_dir)
+    t = Table(title=f"tune: {model}")
+    for col in ("trial", "candidate", "method", "bits/w", "MB", "est. KLD", "mean KLD", "verdict"):
+        t.add_column(col)
+    for tr in res.trials:
+        s = tr.summary()
+        t.add_row(str(tr.index), s["how"], s["method"], f"{s['bits']:.2f}", f"{s['bytes'] / 1e6:.2f}", f"{s['est_kld']:.4g}",
+                  "n/a" if s["mean_kld"] is None else f"{s['mean_kld']:.4g}",
+                  "[green]PASS[/]" if s["passed"] else "[red]" + ("; ".join(s["failed"]) or s["stopped"] or "fail") + "[/]")
+    out.print(t)
+    for n in res.notes:
+        out.print(f"note: {n}")
+    out.print(f"recipe: {paths.get('recipe')}  report: {paths['html']}")
+    if res.passed:
+        out.print(f"[bold green]TUNED[/]: trial {res.best.index} saved to {res.out}")
+        raise typer.Exit(0)
+    out.print("[bold red]NO TRIAL PASSED[/]: nothing was saved to --out; the closest: "
+              + ", ".join(f"trial {t.index} ({'; '.join(t.summary()['failed'])})" for t in res.closest))
+    raise typer.Exit(1)
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"lowbit {__version__}")

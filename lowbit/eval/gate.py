@@ -31,6 +31,7 @@ seq_len 16..131072, context 128..1048576; prompt_tokens 1..131072, output_tokens
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,10 @@ def _check_fields(source: str, where: str, body: Any, known: set[str], free: tup
                 raise LowbitError(f"{field} is {val!r}; fix: give a whole number from {lo:,} to {hi:,}")
             continue
         if not _is_number(val):
-            raise LowbitError(f"{field} must be a number, got {val!r}")
+            hint = ""
+            if isinstance(val, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", val.strip()):
+                hint = f" (YAML reads {val} as text: write it with a decimal point, e.g. {float(val):.1e})"
+            raise LowbitError(f"{field} must be a number, got {val!r}{hint}")
         lo, hi, lo_inclusive = RANGES[where][key]
         if not math.isfinite(val) or (val < lo if lo_inclusive else val <= lo) or (hi is not None and val > hi):
             allowed = (f"from {lo:g} to {hi:g}" if lo_inclusive else f"above {lo:g} and at most {hi:g}") if hi is not None \
