@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markdown import Markdown
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -517,7 +518,7 @@ def tune(
                                                          help="Budget: percent below the float model's weight bytes."),
     method: str = typer.Option("gptq", "--method", help="How each trial quantizes: rtn, rtn-mse, gptq, awq, awq-gptq."),
     calib: str = typer.Option("mix", "--calib", help="Calibration prompts (.txt/.jsonl, or wikipedia, python-docs, mix)."),
-    samples: int = typer.Option(32, "--samples", min=1, help="Calibration windows (sensitivity and trials)."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Calibration windows (sensitivity and trials)."),
     seq_len: int = typer.Option(256, "--seq-len", min=16, help="Tokens per calibration window."),
     measurement: Optional[Path] = typer.Option(None, "--measurement",
                                                help="Sensitivity file: read when it exists (same model), else written "
@@ -526,7 +527,8 @@ def tune(
                                        "f16, int8-ch, int5-g32-asym, int5-g32, int4-g32-asym, int4-g32, int4-g64-asym, "
                                        "int4-g128-asym, int3-g64-asym, int3-g128-asym)."),
     gguf: bool = typer.Option(False, "--gguf", help="Only formats that are GGUF block types (Q8_0, Q5_0, Q5_1, Q4_0, "
-                                                    "Q4_1), so the result exports to GGUF block for block."),
+                                                    "Q4_1, F16), and GPTQ without act-order, so the result exports to "
+                                                    "GGUF block for block."),
     max_trials: int = typer.Option(8, "--max-trials", min=1, help="Candidates built and gated at most."),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop after this long, e.g. 20m; the best "
                                               "trial so far is kept."),
@@ -554,9 +556,14 @@ def tune(
                      min_memory_reduction=min_memory_reduction, method=method, calib=calib, samples=samples,
                      seq_len=seq_len, measurement=measurement or work / "measurement.json",
                      menu=GGUF_MENU if gguf else parse_menu(menu), max_trials=max_trials,
-                     time_budget_s=parse_duration(time_budget) if time_budget else None, quick=quick)
+                     time_budget_s=parse_duration(time_budget) if time_budget else None, quick=quick,
+                     act_order=not gguf)
     cfg.check()
-    res = run_tune(model, cfg, out=out_dir, force=force, say=_say)
+    def progress(what: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 4) == 0:
+            _say(f"{what}: {done}/{total}")
+
+    res = run_tune(model, cfg, out=out_dir, force=force, say=_say, progress=progress)
     paths = write_outputs(res, model, cfg, work, out_dir)
     t = Table(title=f"tune: {model}")
     for col in ("trial", "candidate", "method", "bits/w", "MB", "est. KLD", "mean KLD", "verdict"):
@@ -576,6 +583,51 @@ def tune(
     out.print("[bold red]NO TRIAL PASSED[/]: nothing was saved to --out; the closest: "
               + ", ".join(f"trial {t.index} ({'; '.join(t.summary()['failed'])})" for t in res.closest))
     raise typer.Exit(1)
+
+
+@app.command()
+@_handle_errors
+def recommend(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled name, Hugging Face folder, .gguf or lowbit "
+                                        "artifact (headers only; its measured runs come from the registry)."),
+    scenario: Optional[str] = typer.Option(None, "--scenario", "-s", help="low-latency-chat, long-context, tool-calling, "
+                                           "edge, batch-throughput (default: chosen from tasks and priorities)."),
+    runtime: str = typer.Option("lowbit", "--runtime", "-r", help="lowbit (CPU kernels), llama.cpp (GGUF) or vllm "
+                                "(compressed-tensors)."),
+    cpu: str = typer.Option("auto", "--cpu", help="auto (this machine), avx512vnni, avx512, avx2, generic, arm-neon."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU name, e.g. h100, a100, rtx4090 (none: no GPU)."),
+    memory: Optional[float] = typer.Option(None, "--memory", help="GB available for the model (GPU memory with a GPU, else RAM)."),
+    priority: Optional[str] = typer.Option(None, "--priority", help="Comma list of latency, memory, quality, most "
+                                           "important first (default: the scenario's)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Comma list of chat, json, long-context, jargon, code "
+                                       "(default: the scenario's)."),
+    write_spec_to: Optional[Path] = typer.Option(None, "--write-spec", help="Write the gate spec there (the commands name it)."),
+    write_recipe_to: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the starting recipe there when it "
+                                                   "is not a preset."),
+    force: bool = typer.Option(False, "--force", help="Replace existing --write-spec / --write-recipe files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the recommendation as JSON instead of Markdown."),
+) -> None:
+    """The decision guide: from your hardware, runtime, priorities and tasks to a strategy, a starting
+    recipe with the reasons, a gate spec, the numbers measured here for the model (from `lowbit runs`)
+    and the `lowbit tune` command to run next. docs/recommend.md lists the scenarios and rules.
+
+    Example: lowbit recommend --scenario tool-calling --runtime llama.cpp -m smollm2-135m --write-spec spec.yaml
+    """
+    from lowbit.recommend import Target, write_recipe, write_spec
+    from lowbit.recommend import recommend as guide
+
+    target = Target(cpu_isa=cpu, gpu=gpu, memory_gb=memory, runtime=runtime, priorities=priority or (),
+                    tasks=task or (), model=model, scenario=scenario)
+    rec = guide(target, spec_file=str(write_spec_to or "spec.yaml"),
+                recipe_file=str(write_recipe_to) if write_recipe_to else None)
+    if write_spec_to:
+        write_spec(rec, write_spec_to, force=force)
+    if write_recipe_to:
+        write_recipe(rec, write_recipe_to, force=force)
+    if as_json:
+        out.print_json(json.dumps(rec.to_dict(), default=str))
+    else:
+        out.print(Markdown(rec.to_markdown()))
 
 def _version(value: bool) -> None:
     if value:

@@ -56,8 +56,8 @@ class TuneConfig:
     max_size: int | None = None  # bytes of the stored weights
     min_memory_reduction: float | None = None  # percent below the float model's weight bytes
     method: str = "gptq"  # how each trial is quantized (rtn, rtn-mse, gptq, awq, awq-gptq)
-    calib: str = "mix"  # calibration prompts (file or built-in set), for the measurement and the trials
-    samples: int = 32
+    calib: str | CalibData = "mix"  # calibration prompts (file, built-in set, or windows), measurement and trials
+    samples: int = 16
     seq_len: int = 256
     measurement: str | Path | None = None  # read when it exists (and matches the model), else written there
     menu: tuple[Option, ...] = MENU
@@ -65,6 +65,7 @@ class TuneConfig:
     time_budget_s: float | None = None
     quick: bool = False  # each trial's gate with small samples
     seed: int = 0
+    act_order: bool = True  # GPTQ's column order; off for GGUF mixes (a permuted module is not a GGUF block type)
 
     def check(self) -> None:
         budgets = [b for b in (self.max_bits, self.max_size, self.min_memory_reduction) if b is not None]
@@ -333,7 +334,7 @@ def tune(model: str | Path, config: TuneConfig | None = None, *, out: str | Path
     if base.quantized:
         raise LowbitError(f"tune: model {base.name} is already quantized; fix: pass the float model")
     tok = base.need_tokenizer("tune")
-    data = load_calibration(cfg.calib, tok, cfg.samples, cfg.seq_len)
+    data = cfg.calib if isinstance(cfg.calib, CalibData) else load_calibration(cfg.calib, tok, cfg.samples, cfg.seq_len)
     meas = _measurement(base, data, cfg, say, progress)
     budget = _budget(cfg, meas)
     search = _Search(meas, cfg, sp, budget)
@@ -427,7 +428,8 @@ def _run_trial(t: Trial, base: Model, data: CalibData, meas: Measurement, sp: Sp
         say(f"  trial {t.index}: {msg}")
 
     rec = recipe_for(t.alloc, meas, t.method, t.kv_cache, name=f"tuned-trial{t.index}")
-    calib = None if t.method == "rtn" else CalibConfig(method=t.method, data=data, samples=cfg.samples, seq_len=cfg.seq_len)
+    calib = None if t.method == "rtn" else CalibConfig(method=t.method, data=data, samples=cfg.samples, seq_len=cfg.seq_len,
+                                                       act_order=cfg.act_order)
     step("quantizing")
     cand = api.quantize(_float_copy(base), rec, calib=calib)
     cand.kv_cache = t.kv_cache
