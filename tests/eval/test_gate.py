@@ -63,3 +63,12 @@ def test_spec_file_errors(tmp_path):
     bad.write_text("quality: {max_mean_kld: [\n")
     with pytest.raises(LowbitError, match="not valid YAML"):
         load_spec(str(bad))
+
+
+def test_scientific_notation_that_yaml_reads_as_text_gets_a_hint(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("quality: {max_mean_kld: 1e-3}\n")  # YAML 1.1 needs a decimal point to read a float
+    with pytest.raises(LowbitError, match=r"write it with a decimal point, e.g. 1.0e-03"):
+        load_spec(str(spec))
+    spec.write_text("quality: {max_mean_kld: 1.0e-3}\n")
+    assert load_spec(str(spec)).section("quality")["max_mean_kld"] == 0.001
