@@ -49,12 +49,15 @@ def _g32(bits: int, symmetric: bool = True, zero_domain: str = "int") -> QuantSp
                      zero_domain=zero_domain, scale_dtype="float16")
 
 
-GGUF_ROWS = [  # (label, lowbit scheme, --type)
-    ("int8 sym g32 -> Q8_0 (exact)", _g32(8), "auto"),
-    ("int4 sym g32 -> Q4_0 (exact)", _g32(4), "auto"),
-    ("int4 asym-f g32 -> Q4_1 (exact)", _g32(4, False, "float"), "auto"),
-    ("int4 asym g64 -> Q4_1 (requantized)", QuantSpec(kind="int", bits=4, granularity="group", group_size=64,
-                                                          symmetric=False, scale_dtype="float16"), "auto"),
+_G64_ASYM = QuantSpec(kind="int", bits=4, granularity="group", group_size=64, symmetric=False, scale_dtype="float16")
+GGUF_ROWS = [  # (label, lowbit scheme, --type, write_gguf's use_float_source)
+    ("int8 sym g32 -> Q8_0 (exact)", _g32(8), "auto", True),
+    ("int5 sym g32 -> Q5_0 (exact)", _g32(5), "auto", True),
+    ("int5 asym-f g32 -> Q5_1 (exact)", _g32(5, False, "float"), "auto", True),
+    ("int4 sym g32 -> Q4_0 (exact)", _g32(4), "auto", True),
+    ("int4 asym-f g32 -> Q4_1 (exact)", _g32(4, False, "float"), "auto", True),
+    ("int4 asym g64 -> Q4_1 (requantized from lowbit's codes)", _G64_ASYM, "auto", False),
+    ("int4 asym g64 -> Q4_1 (quantized from the float source)", _G64_ASYM, "auto", True),
 ]
 CT_ROWS = [
     ("W4A16 int4 sym g32 (pack-quantized)", _g32(4)),
@@ -106,10 +109,10 @@ def main() -> None:
         lm = llamacpp.LlamaCppLM(f32, n_ctx=args.seq_len)
         cpp_rows.append(("F32 (the baseline, as a GGUF)", _size(f32), kld(lm)))
         lm.close()
-        for label, spec, gtype in GGUF_ROWS:
+        for label, spec, gtype, use_float_source in GGUF_ROWS:
             model = copy.deepcopy(base.module)
             quantize_model(model, Recipe(scheme=spec))
-            res = write_gguf(model, tmp / "x.gguf", gtype, base.source, base.folder)
+            res = write_gguf(model, tmp / "x.gguf", gtype, base.source, base.folder, use_float_source=use_float_source)
             lm = llamacpp.LlamaCppLM(res.path, n_ctx=args.seq_len)
             gguf_rows.append((label, res.size, kld(model), kld(lm), pair_kld(model, lm)))
             lm.close()
@@ -166,7 +169,9 @@ def main() -> None:
         lines.append(f"| {label} | {mb(size)} | {bpw(size):.2f} | {lo['kld']:.4f} | {hf['kld']:.4f} | {diff:.4f} |")
     lines += ["",
               "Exact rows are written block for block from lowbit's codes; llama.cpp then differs from lowbit only by "
-              "its 8-bit activation rounding in quantized dot products. SmolLM2's 576-wide rows are not divisible by "
+              "its 8-bit activation rounding in quantized dot products. A scheme no GGUF type holds is quantized "
+              "again: by default from the float source (the row's 'KLD lowbit' is then the lowbit model's, not the "
+              "file's), or from lowbit's dequantized weights (rounded twice). SmolLM2's 576-wide rows are not divisible by "
               "256, so llama.cpp's K-quant mixes fall back to Q5_0/Q5_1/Q8_0 on most tensors (only the 1536-wide "
               "ffn_down rows take K-quants); the bundled weights already sit on a Q4_1 grid, so 4-bit rows look "
               "better here than they would on an FP16 checkpoint. Kept tensors (embeddings; the tied head) are F16 in "

@@ -232,11 +232,14 @@ def bench(baseline: Model | str | Path, candidate: Model | str | Path, *, config
 
 # -- export / generate -----------------------------------------------------------------------------
 def export(model: Model | str | Path, *, format: str, out: str | Path, type: str = "auto", force: bool = False,
-           progress=None, say: Say | None = None):
+           from_float: bool = True, progress=None, say: Say | None = None):
     """Write a model in a runtime's format: "gguf" (llama.cpp; `type` is a GGUF type or "auto", each
     lowbit scheme to its closest type) or "compressed-tensors" (transformers, vLLM). Schemes a format
     cannot hold are refused with the nearest choices; non-exact mappings are requantized and listed in
-    the result's notes. Returns lowbit.exporters.gguf.GGUFExport or lowbit.exporters.compressed.CTExport."""
+    the result's notes. GGUF tensors that are not exact block types (and every tensor of a K-quant mix)
+    are quantized from the float model the artifact names when its files are still there and match
+    the sha256 lowbit.json recorded (from_float=False: from lowbit's own weights, a second rounding);
+    the notes say which. Returns lowbit.exporters.gguf.GGUFExport or lowbit.exporters.compressed.CTExport."""
     fmt, out = format.lower(), Path(out)
     if fmt not in EXPORT_FORMATS:
         raise LowbitError(f"--format '{format}': unknown; use gguf or compressed-tensors")
@@ -253,19 +256,21 @@ def export(model: Model | str | Path, *, format: str, out: str | Path, type: str
             prepare_out_file(out, force)
         else:
             prepare_out_dir(out, force)
-        return _export(model, fmt, out, gguf_type if fmt == "gguf" else None, force, progress, say)
+        return _export(model, fmt, out, gguf_type if fmt == "gguf" else None, force, from_float, progress, say)
 
 
-def _export(model, fmt: str, out: Path, gguf_type: str | None, force: bool, progress, say):
+def _export(model, fmt: str, out: Path, gguf_type: str | None, force: bool, from_float: bool, progress, say):
     handle = load_model(model, progress=say) if isinstance(model, (str, Path)) else as_model(model)
     if fmt == "gguf":
         from lowbit.exporters.gguf import write_gguf
 
-        # an artifact's lowbit.json names where its float model was; files outside the artifact are not read
-        # from it (a bundled source is still used: gguf_vocab verifies the installed file by its sha256)
+        # an artifact's lowbit.json names where its float model was: the tokenizer is taken from it only for a
+        # bundled source (gguf_vocab verifies the installed file by its sha256); its weights are read (for tensors
+        # that are not exact blocks) only when they hash to the recorded sha256 (exporters.gguf_source)
         source = handle.source if not handle.is_artifact or handle.source.get("kind") == "bundled" else None
         return write_gguf(handle.module, out, gguf_type, source, handle.folder, handle.imatrix,
-                          name=str((handle.source or {}).get("name") or handle.name), progress=progress, force=force)
+                          name=str((handle.source or {}).get("name") or handle.name), progress=progress, force=force,
+                          use_float_source=from_float)
     from lowbit.exporters.compressed import write_compressed
 
     return write_compressed(handle, out, force, progress)

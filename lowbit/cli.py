@@ -144,6 +144,9 @@ def export(
                                        "Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_M, Q2_K, IQ4_NL (needs llama-cpp-python)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="The .gguf file, or the compressed-tensors folder (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
+    from_codes: bool = typer.Option(False, "--from-codes", help="GGUF: requantize tensors that are not exact block types "
+                                    "from lowbit's own weights, even when the float model the artifact names is there "
+                                    "(default: from the float model when it matches its recorded sha256)."),
 ) -> None:
     """Export a lowbit artifact to a runtime's format: a GGUF file for llama.cpp, or a
     compressed-tensors folder for transformers (and vLLM, untested). Schemes a format cannot hold are refused
@@ -157,8 +160,8 @@ def export(
 
     _quiet_transformers()
     with err.status(f"Exporting {artifact} to {out_path} ..."):
-        res = api.export(artifact, format=fmt, out=out_path, type=gguf_type, force=force,
-                            say=lambda msg: err.print(msg))
+        res = api.export(artifact, format=fmt, out=out_path, type=gguf_type, force=force, from_float=not from_codes,
+                         say=lambda msg: err.print(msg))
     kinds = export_summary(res)
     for note in res.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)

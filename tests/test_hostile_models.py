@@ -1,5 +1,6 @@
 """Hostile and broken model folders and artifacts: no code from a model runs, no missing or foreign
-tensor is accepted, an artifact is checked against its own record, and nothing outside it is read.
+tensor is accepted, an artifact is checked against its own record, and nothing outside it is read
+unless it hashes to that record (an export's float source).
 
 Each case goes through the CLI as a user would and expects exit code 2, one paragraph naming the
 file or field, no traceback, and nothing written."""
@@ -170,7 +171,7 @@ def test_a_tensor_of_another_module_or_shape_is_refused(artifact, tmp_path):
     refused("generate", art, "--prompt", "hi", match="disagree")
 
 
-# -- 4. nothing outside the artifact is read --------------------------------------------------------
+# -- 4. nothing outside the artifact is read without a recorded sha256 --------------------------------------------------------
 def test_export_does_not_follow_an_artifacts_source_path(artifact, tmp_path, monkeypatch):
     art = copy_of(artifact, tmp_path)
     foreign = tmp_path / "elsewhere" / "foreign.gguf"

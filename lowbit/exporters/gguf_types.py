@@ -34,7 +34,7 @@ def normalize_type(gguf_type: str) -> str:
 def quantize_as(w: torch.Tensor, type_name: str) -> tuple[np.ndarray, object]:
     """A float weight as a GGUF tensor of type_name: (numpy array for GGUFWriter.add_tensor, raw dtype).
 
-    Q8_0/Q4_0/Q4_1 by lowbit's ggml-exact quantizers (same bytes as gguf-py's), the other quantized
+    Q8_0/Q5_0/Q5_1/Q4_0/Q4_1 by lowbit's ggml-exact quantizers (same bytes as gguf-py's), the other quantized
     types by gguf-py's quants module."""
     from gguf import GGMLQuantizationType, quants
 
