@@ -350,6 +350,18 @@ def tune(model: str | Path, config: TuneConfig | None = None, *, out: str | Path
                 break
             pending = [nxt]
         alloc, reason = pending.pop(0)
+        hopeless = next((b for b in batch if not b.passed and b.stage == "quality" and b.alloc.est_kld <= alloc.est_kld),
+                        None)
+        if hopeless is not None:  # the first batch's mix already failed its quality criteria, estimated better
+            search.notes.append(f"{alloc.how} was not built: its estimated KLD ({alloc.est_kld:.4g}) is above that of "
+                                f"trial {hopeless.index} ({hopeless.alloc.est_kld:.4g}), which failed the quality criteria")
+            search.tried.add((alloc.key(), search.method, search.kv))
+            if not pending:
+                why = search.after(hopeless)
+                batch = []
+                if why is None:
+                    break
+            continue
         if deadline and time.perf_counter() > deadline:
             search.notes.append(f"time budget ({cfg.time_budget_s:.0f} s) spent before trial {len(trials) + 1}")
             break

@@ -168,6 +168,20 @@ def test_unreachable_spec_returns_the_closest_with_failures(tiny_dir, tmp_path):
     assert res.closest and res.closest[0].failed and res.closest[0].failed[0]["name"] == "mean KLD"
     assert not (tmp_path / "never").exists()  # a failing model is not saved
     assert any("no trial passed" in n for n in res.notes)
+    # the uniform scheme, estimated worse than the mix that already failed, is not built
+    assert any("was not built" in n for n in res.notes)
+    assert not any(t.alloc.how.startswith("uniform") for t in res.trials)
+
+
+def test_trials_are_recorded_in_the_run_registry(tiny_dir, tmp_path, monkeypatch):
+    from lowbit.report.registry import get_run, list_runs
+
+    monkeypatch.setenv("LOWBIT_HOME", str(tmp_path))
+    res = tune(str(tiny_dir), TuneConfig(spec=parse_spec(SPEC, "s"), max_bits=5.0, max_trials=1, **FAST))
+    rows = list_runs(kind="gate", db=tmp_path / "runs.sqlite")
+    assert [r["id"] for r in rows] == [res.trials[0].run_id]
+    run = get_run(res.trials[0].run_id, db=tmp_path / "runs.sqlite")["run"]
+    assert run["tune"]["trial"] == 1 and run["candidate"]["recipe"]["overrides"]
 
 
 def test_time_budget_keeps_what_it_has(tiny_dir):
@@ -205,3 +219,22 @@ def test_cli_exit_codes(tiny_dir, tmp_path):
     r = runner.invoke(app, ["tune", *common, "--out", str(tmp_path / "o4"), "--max-bits", "4",
                             "--measurement", str(tmp_path / "other.json")])
     assert r.exit_code == 2 and "other.json" in r.output
+
+
+def test_time_budget_expiring_mid_trial_keeps_the_best_before_it(tiny_dir, monkeypatch):
+    import time as real_time
+
+    import lowbit.tuner as tuner
+
+    late = {"now": False}
+
+    def say(msg: str) -> None:
+        if "trial 2: quantizing" in msg:
+            late["now"] = True  # the clock jumps past the budget while trial 2 runs
+
+    monkeypatch.setattr(tuner.time, "perf_counter", lambda: real_time.monotonic() + (1e6 if late["now"] else 0))
+    res = tune(str(tiny_dir), TuneConfig(spec=parse_spec(SPEC, "s"), max_bits=5.0, time_budget_s=3600, **FAST),
+               record=False, say=say)
+    assert res.passed and res.best.index == 1
+    assert res.trials[-1].index == 2 and res.trials[-1].stopped.startswith("time budget expired mid-trial")
+    assert any("expired during trial 2" in n for n in res.notes)
