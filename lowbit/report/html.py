@@ -299,17 +299,24 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_report(run: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Write report.html and report.md into out_dir; returns their paths."""
+def write_texts(out_dir: Path, texts: dict[str, str], what: str = "report folder") -> list[Path]:
+    """Write each {file name: text} into out_dir (created if needed), each file atomically."""
     out_dir = Path(out_dir)
-    html_text, md_text = render_html(run), render_markdown(run)  # render both before touching the folder
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LowbitError(f"report folder {out_dir}: cannot create it ({e.strerror}); fix: choose another folder") from e
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    _write_atomic(html_path, html_text)
-    _write_atomic(md_path, md_text)
+        raise LowbitError(f"{what} {out_dir}: cannot create it ({e.strerror}); fix: choose another folder") from e
+    paths = []
+    for name, text in texts.items():
+        _write_atomic(out_dir / name, text)
+        paths.append(out_dir / name)
+    return paths
+
+
+def write_report(run: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.html and report.md into out_dir; returns their paths."""
+    # render both before touching the folder
+    html_path, md_path = write_texts(out_dir, {"report.html": render_html(run), "report.md": render_markdown(run)})
     return html_path, md_path
 
 

@@ -10,8 +10,7 @@ import statistics
 from html import escape
 from pathlib import Path
 
-from lowbit.errors import LowbitError
-from lowbit.report.html import CSS, _figure, _png_b64, _write_atomic
+from lowbit.report.html import CSS, _figure, _png_b64, write_texts
 
 
 def module_reasons(meas: dict, choice: dict[str, str]) -> list[dict]:
@@ -134,12 +133,7 @@ def render_html(res: dict, meas: dict, choice: dict[str, str] | None, recipe_cmd
 def write_tune_report(res: dict, meas: dict, choice: dict[str, str] | None, recipe_cmd: str | None,
                       out_dir: Path) -> tuple[Path, Path]:
     """tune.html and tune.md in out_dir (written atomically); returns their paths."""
-    html_text, md_text = render_html(res, meas, choice, recipe_cmd), render_markdown(res, meas, choice, recipe_cmd)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LowbitError(f"tune report folder {out_dir}: cannot create it ({e.strerror}); fix: choose another folder") from e
-    html_path, md_path = out_dir / "tune.html", out_dir / "tune.md"
-    _write_atomic(html_path, html_text)
-    _write_atomic(md_path, md_text)
+    html_path, md_path = write_texts(out_dir, {"tune.html": render_html(res, meas, choice, recipe_cmd),
+                                               "tune.md": render_markdown(res, meas, choice, recipe_cmd)},
+                                     "tune report folder")
     return html_path, md_path
