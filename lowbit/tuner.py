@@ -100,13 +100,14 @@ class Trial:
     seconds: float = 0.0
     run_id: int | None = None
     stopped: str = ""  # e.g. "time budget expired mid-trial"
+    stored_bytes: int | None = None  # what the built model stores (the allocation's bytes plus, e.g., GPTQ's permutations)
 
     def summary(self) -> dict:
         return {"trial": self.index, "how": self.alloc.how, "method": self.method, "kv_cache": self.kv_cache,
                 "why": self.why, "bits": self.alloc.bits, "bytes": self.alloc.bytes, "est_kld": self.alloc.est_kld,
                 "mean_kld": self.mean_kld, "p95_ms": self.p95_ms, "passed": self.passed, "stage": self.stage,
                 "failed": [f"{r['name']}: {_fmt(r['value'])} {r['op']} {r['threshold']:g}" for r in self.failed],
-                "seconds": self.seconds, "run_id": self.run_id, "stopped": self.stopped,
+                "seconds": self.seconds, "run_id": self.run_id, "stopped": self.stopped, "stored_bytes": self.stored_bytes,
                 "formats": dict(Counter(self.alloc.choice.values()))}
 
 
@@ -278,6 +279,8 @@ class _Search:
             sev = max(_severity(r) for r in t.failed if _kind(r) in ("quality", "long_context"))
             if self.method == "rtn":
                 self.method = "gptq"
+                if self.budget is not None and self.cfg.act_order:  # room for GPTQ's act-order permutations
+                    self.budget -= sum(4 * m.cols for m in self.meas.modules)
                 steps.append("GPTQ instead of RTN (a quality criterion failed)")
             elif self.target is not None:
                 self.fail_target = min(self.fail_target or math.inf, self.target)
@@ -345,7 +348,11 @@ def tune(model: str | Path, config: TuneConfig | None = None, *, out: str | Path
     why, batch = None, []
     while len(trials) < cfg.max_trials:
         if not pending:
-            nxt = search.propose(why or "")
+            try:
+                nxt = search.propose(why or "")
+            except LowbitError as e:  # e.g. the budget, less GPTQ's permutations, below the smallest mix
+                search.notes.append(f"stopped before trial {len(trials) + 1}: {e}")
+                break
             if nxt is None:
                 break
             pending = [nxt]
@@ -421,13 +428,19 @@ def _measurement(base: Model, data: CalibData, cfg: TuneConfig, say: Say, progre
 
 
 def _budget(cfg: TuneConfig, meas: Measurement) -> int | None:
+    """The size budget in stored bytes, less what GPTQ's act-order permutations will add (int32 per input
+    column of each module), so the built model does not overshoot it."""
     if cfg.max_size is not None:
-        return int(cfg.max_size)
-    if cfg.max_bits is not None:
-        return int(cfg.max_bits * meas.params / 8)
-    if cfg.min_memory_reduction is not None:
-        return int(meas.float_bytes * (1 - cfg.min_memory_reduction / 100))
-    return None
+        budget = int(cfg.max_size)
+    elif cfg.max_bits is not None:
+        budget = int(cfg.max_bits * meas.params / 8)
+    elif cfg.min_memory_reduction is not None:
+        budget = int(meas.float_bytes * (1 - cfg.min_memory_reduction / 100))
+    else:
+        return None
+    if cfg.act_order and cfg.method in ("gptq", "awq-gptq"):
+        budget -= sum(4 * m.cols for m in meas.modules)
+    return budget
 
 
 def _run_trial(t: Trial, base: Model, data: CalibData, meas: Measurement, sp: Spec, quality_sp: Spec | None,
@@ -445,6 +458,7 @@ def _run_trial(t: Trial, base: Model, data: CalibData, meas: Measurement, sp: Sp
     step("quantizing")
     cand = api.quantize(_float_copy(base), rec, calib=calib)
     cand.kv_cache = t.kv_cache
+    t.stored_bytes = stored_bytes(cand, rec)
     run = None
     if quality_sp is not None:
         step("quality criteria")
@@ -469,6 +483,13 @@ def _run_trial(t: Trial, base: Model, data: CalibData, meas: Measurement, sp: Sp
     say(f"trial {t.index}: {'PASSED' if t.passed else 'failed'} in {t.seconds:.0f} s"
         + ("" if t.passed else " (" + "; ".join(t.summary()["failed"]) + ")"))
     return cand
+
+
+def stored_bytes(model: Model, rec: Recipe) -> int:
+    """The bytes an artifact of this model stores (lowbit.model.artifact's entries, without writing them)."""
+    from lowbit.model.artifact import artifact_entries
+
+    return sum(e.nbytes for e in artifact_entries(model.module, rec.keep_dtype))
 
 
 def _float_copy(base: Model) -> Model:

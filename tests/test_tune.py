@@ -141,6 +141,7 @@ def test_tune_passes_saves_and_the_recipe_reproduces_it(tiny_dir, tmp_path):
     res = tune(str(tiny_dir), cfg, out=tmp_path / "tuned", record=False)
     assert res.passed and res.best is not None and res.out is not None
     assert res.best.alloc.bytes <= int(5.0 * res.measurement.params / 8)
+    assert all(t.stored_bytes <= int(5.0 * res.measurement.params / 8) for t in res.trials)
     assert res.best in res.pareto
     # trial 2 under a budget is the best uniform scheme: the result is never worse than it, measured
     uniform = [t for t in res.trials if t.alloc.how.startswith("uniform")]
@@ -158,6 +159,16 @@ def test_tune_passes_saves_and_the_recipe_reproduces_it(tiny_dir, tmp_path):
     said = []
     tune(str(tiny_dir), TuneConfig(**{**cfg.__dict__, "max_bits": 6.0, "max_trials": 1}), record=False, say=said.append)
     assert any("read from" in s for s in said)
+
+
+def test_gptq_permutations_fit_in_the_budget(tiny_dir):
+    budget_bits = 5.0
+    res = tune(str(tiny_dir), TuneConfig(spec=parse_spec({**SPEC, "quality": {"max_mean_kld": 1.0}}, "lenient"),
+                                         max_bits=budget_bits, max_trials=1,
+                                         **{**FAST, "method": "gptq"}), record=False)
+    t = res.trials[0]
+    assert t.stored_bytes > t.alloc.bytes  # the act-order permutations are stored too
+    assert t.stored_bytes <= int(budget_bits * res.measurement.params / 8)
 
 
 def test_unreachable_spec_returns_the_closest_with_failures(tiny_dir, tmp_path):

@@ -44,7 +44,7 @@ def _trial_rows(res: dict) -> list[list[str]]:
     out = []
     for t in res["trials"]:
         verdict = "PASS" if t["passed"] else ("stopped" if t["stopped"] else "fail")
-        out.append([str(t["trial"]), t["how"], t["method"], t["kv_cache"], f"{t['bits']:.2f}", f"{t['bytes'] / 1e6:.2f}",
+        out.append([str(t["trial"]), t["how"], t["method"], t["kv_cache"], f"{t['bits']:.2f}", f"{(t.get('stored_bytes') or t['bytes']) / 1e6:.2f}",
                     f"{t['est_kld']:.4g}", "n/a" if t["mean_kld"] is None else f"{t['mean_kld']:.4g}",
                     "n/a" if t["p95_ms"] is None else f"{t['p95_ms']:.1f}", verdict,
                     "; ".join(t["failed"]) or t["stopped"], t["why"]])
