@@ -543,7 +543,7 @@ def tune(
     passes. Writes the model to --out and the recipe, trial table and report to OUT-tune/. Exit code 0
     when a trial passed, 1 when none did (the closest are listed), 2 on bad input.
 
-    Example: lowbit tune smollm2-135m --spec default --max-bits 4.5 --out out/smollm2-tuned
+    Example: lowbit tune smollm2-135m --spec default --out out/smollm2-tuned
     """
     from lowbit.eval.gate import load_spec
     from lowbit.tuner import TuneConfig, write_outputs

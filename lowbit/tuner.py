@@ -43,6 +43,7 @@ from lowbit.version import __version__
 Say = Callable[[str], None]
 START_TARGET_SHARE = 0.5  # the first trial aims its estimate at half the spec's mean-KLD limit
 DEFAULT_TARGET_KLD = 0.01  # when the spec has no mean-KLD limit
+MAX_EST_RATIO = 5.0  # a calibrated trial measuring above this multiple of the (RTN) estimate is retried with RTN
 
 
 class _TimeUp(Exception):
@@ -215,6 +216,7 @@ class _Search:
         self.pass_target: float | None = None  # largest target that passed (quality mode)
         self.fail_target: float | None = None  # smallest target that failed
         self.tried: set[tuple] = set()
+        self.back_to_rtn = False  # set once a calibrated method measured far above the RTN estimate
         self.notes: list[str] = []
 
     def propose(self, why: str) -> tuple[Allocation, str] | None:
@@ -277,7 +279,15 @@ class _Search:
                 steps.append(f"size budget {self.budget / 1e6:.1f} MB (memory criterion failed)")
         if kinds & {"quality", "long_context"}:
             sev = max(_severity(r) for r in t.failed if _kind(r) in ("quality", "long_context"))
-            if self.method == "rtn":
+            ratio = t.mean_kld / max(t.alloc.est_kld, 1e-12) if t.mean_kld is not None else None
+            if self.method != "rtn" and not self.back_to_rtn and ratio is not None and ratio > MAX_EST_RATIO:
+                # the estimate is round-to-nearest's: a calibrated method that lands far above it moved the
+                # weights away from what was measured (e.g. weights already on a format's grid, which RTN keeps)
+                self.back_to_rtn = True
+                steps.append(f"RTN instead of {self.method} (measured mean KLD {t.mean_kld:.4g} is {ratio:.0f}x the "
+                             f"estimate, which round-to-nearest made)")
+                self.method = "rtn"
+            elif self.method == "rtn" and not self.back_to_rtn:
                 self.method = "gptq"
                 if self.budget is not None and self.cfg.act_order:  # room for GPTQ's act-order permutations
                     self.budget -= sum(4 * m.cols for m in self.meas.modules)

@@ -249,3 +249,23 @@ def test_time_budget_expiring_mid_trial_keeps_the_best_before_it(tiny_dir, monke
     assert res.passed and res.best.index == 1
     assert res.trials[-1].index == 2 and res.trials[-1].stopped.startswith("time budget expired mid-trial")
     assert any("expired during trial 2" in n for n in res.notes)
+
+
+def test_a_calibrated_method_far_above_the_estimate_falls_back_to_rtn(tmp_path):
+    # weights already on the int4 g32 (Q4_1-style) grid, as the bundled SmolLM2's are: RTN keeps them
+    # exactly (estimate 0), GPTQ moves them; the tuner must notice and retry with RTN
+    from tests.conftest import make_tiny_llama, save_hf
+
+    model = make_tiny_llama(seed=5)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+                mod.weight.copy_(qdq(mod.weight.data, BY_KEY["int4-g32-asym"].spec))
+    folder = save_hf(model, tmp_path / "on-grid")
+    sp = parse_spec({**SPEC, "quality": {"max_mean_kld": 0.001}}, "s")
+    res = tune(str(folder), TuneConfig(spec=sp, max_trials=3, menu=parse_menu("f16,int4-g32-asym"),
+                                       **{**FAST, "method": "gptq"}), record=False)
+    methods = [t.method for t in res.trials]
+    assert methods[0] == "gptq" and "rtn" in methods, [t.summary() for t in res.trials]
+    assert any("RTN instead of gptq" in t.why for t in res.trials)
+    assert res.passed and res.best.method == "rtn"
