@@ -475,7 +475,7 @@ def bench(
 @_handle_errors
 def runs(
     limit: int = typer.Option(20, "--limit", min=1),
-    kind: Optional[str] = typer.Option(None, "--kind", help="eval, gate or bench."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="eval, gate, bench or serve."),
     show: Optional[int] = typer.Option(None, "--show", help="Print one run's stored JSON."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Comma list of run ids to put side by side."),
 ) -> None:
@@ -631,6 +631,44 @@ def recommend(
         out.print_json(json.dumps(rec.to_dict(), default=str))
     else:
         out.print(Markdown(rec.to_markdown()))
+
+
+@app.command()
+@_handle_errors
+def serve(
+    candidate: str = typer.Option(..., "--candidate", help="The quantized model to roll out: a lowbit artifact folder, or any model `quantize` accepts."),
+    fallback: str = typer.Option(..., "--fallback", help="The full-precision model: answers the rest of the traffic and every request the candidate fails."),
+    canary: float = typer.Option(10.0, "--canary", min=0.0, max=100.0, help="Percent of routed requests the candidate answers (sticky per `user` / x-conversation-id)."),
+    shadow: bool = typer.Option(False, "--shadow", help="Replay each answer to the other model off the client's path and score the pair (token agreement, KL divergence, JSON validity); in /metrics and `lowbit runs`."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="Gate spec ('default' or a YAML file): canary analysis over a sliding window steps the share up or rolls it back."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOWBIT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 and /admin (401 otherwise); at least 8 characters."),
+    min_logprob: Optional[float] = typer.Option(None, "--min-logprob", help="Send candidate answers whose mean token log-prob is below this (e.g. -2.5) to the fallback."),
+    queue_size: int = typer.Option(16, "--queue-size", min=1, help="Requests waiting or running per model; beyond it 429 with Retry-After."),
+    max_batch: int = typer.Option(1, "--max-batch", min=1, max=64, help="Waiting requests a model decodes together (the lean loop's batch)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Torch/native threads per model worker; default half the CPUs."),
+    max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", min=1, help="Longest prompt accepted, in tokens."),
+    max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", min=1, max=16384, help="The largest max_tokens a request may ask for."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request; 504 past it."),
+    candidate_timeout: float = typer.Option(30.0, "--candidate-timeout", help="Seconds the candidate gets before the fallback answers instead."),
+    window: int = typer.Option(20, "--window", min=1, help="Canary analysis: events (shadow pairs or candidate requests) per judged window."),
+    step: float = typer.Option(10.0, "--step", help="Canary analysis: points the share rises after a window that holds."),
+    max_canary: float = typer.Option(100.0, "--max-canary", help="Canary analysis: the highest share it steps up to."),
+    max_failures: int = typer.Option(2, "--max-failures", min=1, help="Canary analysis: failing windows in a row before rollback to 0."),
+) -> None:
+    """Serve a quantized candidate and its full-precision fallback behind one OpenAI-compatible API,
+    with canary routing, fallback on bad output, shadow scoring and canary analysis (docs/serve.md).
+
+    Example: lowbit serve --candidate out/smollm2-w4 --fallback smollm2-135m --canary 10 --shadow --spec default
+    """
+    from lowbit.serve import ServeConfig, run
+
+    run(ServeConfig(candidate=candidate, fallback=fallback, canary=canary, shadow=shadow, spec=spec, host=host, port=port,
+                    api_key=api_key, min_mean_logprob=min_logprob, queue_size=queue_size, max_batch=max_batch,
+                    threads=threads, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                    timeout_s=timeout, candidate_timeout_s=candidate_timeout, window=window, step_pct=step,
+                    max_canary=max_canary, max_failures=max_failures))
 
 def _version(value: bool) -> None:
     if value:

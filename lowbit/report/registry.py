@@ -20,7 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.report.markdown import is_num
 
 SCHEMA_VERSION = 1
-KINDS = ("eval", "gate", "bench")
+KINDS = ("eval", "gate", "bench", "serve")  # serve: `lowbit serve` shadow scores and canary decisions
 BUSY_TIMEOUT_S = 30.0
 HEADLINE = ("mean_kld", "ppl_change_pct", "top1", "gate_passed", "p95_latency_ratio", "decode_tok_s_ratio")
 LISTED = ("id", "kind", "created", "baseline", "candidate", "recipe", *HEADLINE, "report_path")

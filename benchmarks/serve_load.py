@@ -1,0 +1,229 @@
+"""lowbit serve under load, on loopback: latency percentiles and throughput, the shadow's cost, and a
+fault injected part-way.
+
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 200] [--max-tokens 8]
+    .venv/bin/python benchmarks/serve_load.py --tiny --requests 5      # tiny random models, seconds
+
+The server runs in this process (uvicorn in a thread, bound to 127.0.0.1 on a free port); `--clients`
+concurrent httpx clients each send `--requests` chat requests, one after another. The candidate is
+the bundled SmolLM2-135M quantized to W4 g128 (round to nearest), the fallback the FP32 model. Phases:
+
+  alone   canary 100%, no shadow
+  shadow  canary 100%, shadow on: every answer replayed to the fallback and scored off the client's path
+  batch   canary 100%, no shadow, waiting requests decoded together (--max-batch, the lean loop's batch)
+  fault   canary 50%, shadow on, the default gate spec plus canary analysis (window 20): the candidate
+          raises for the middle third of the requests; every request must still be answered (by the
+          fallback), and the analysis must roll the canary back
+
+Reported per phase: requests, failed, p50/p95/p99 latency (ms), requests/s, answers by model and
+reason, shadow pairs scored/dropped, canary decisions. A 429 is retried after its Retry-After (and
+counted); any other non-200 is a failure. Load is bounded: clients x requests requests, a per-request
+client timeout, and loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lowbit.serve import ServeConfig, create_app  # noqa: E402
+from lowbit.serve.engine import Backend  # noqa: E402
+
+PROMPTS = ["What is the capital of France?", "Name three primary colours.", "Write one sentence about the sea.",
+           "What is 12 times 12?", "Give a synonym for happy.", "Why is the sky blue?"]
+
+
+class Faulty(Backend):
+    """The candidate, made to raise while `fault` is set."""
+
+    def __init__(self, model, name: str) -> None:
+        super().__init__(model, name)
+        self.fault = threading.Event()
+
+    def generate_batch(self, items):
+        if self.fault.is_set():
+            return [RuntimeError("injected fault") for _ in items]
+        return super().generate_batch(items)
+
+
+def models(tiny: bool):
+    if tiny:
+        from tests.serve.conftest import tiny_model
+
+        return tiny_model(1), tiny_model(0), "tiny-w", "tiny-fp32"
+    import lowbit
+
+    fp32 = lowbit.load("smollm2-135m")
+    cand = lowbit.quantize(lowbit.load("smollm2-135m"), "w4-g128")
+    return cand, fp32, "smollm2-w4-g128", "smollm2-135m"
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))] * 1000 if s else float("nan")
+
+
+def serve_in_thread(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, th, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def load(base: str, clients: int, requests: int, max_tokens: int, on_progress=None) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    by: Counter = Counter()
+    failed, retried = [], 0
+    done = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+        async def one_client(i: int):
+            nonlocal retried, done
+            for j in range(requests):
+                body = {"model": "lowbit", "messages": [{"role": "user", "content": PROMPTS[(i + j) % len(PROMPTS)]}],
+                        "max_tokens": max_tokens, "user": f"client-{i}"}
+                t0 = time.perf_counter()
+                for _attempt in range(20):
+                    try:
+                        r = await http.post("/v1/chat/completions", json=body)
+                    except httpx.HTTPError as e:
+                        failed.append(f"{type(e).__name__}: {e}")
+                        r = None
+                        break
+                    if r.status_code != 429:
+                        break
+                    retried += 1
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                if r is not None and r.status_code == 200:
+                    lat.append(time.perf_counter() - t0)
+                    by[(r.headers["x-lowbit-model"], r.headers["x-lowbit-reason"])] += 1
+                elif r is not None:
+                    failed.append(f"{r.status_code}: {r.text[:200]}")
+                done += 1
+                if on_progress:
+                    on_progress(done)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"requests": clients * requests, "ok": len(lat), "failed": len(failed), "failures": failed[:5],
+            "retried_429": retried, "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "p99_ms": pct(lat, 0.99),
+            "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"), "req_per_s": len(lat) / wall,
+            "wall_s": wall, "answered_by": {f"{m} ({why})": n for (m, why), n in by.most_common()}}
+
+
+def phase(name: str, cand, fb, cand_name, fb_name, args, shadow: bool, spec: str | None, fault: bool, db: Path,
+          max_batch: int = 1) -> dict:
+    backend = Faulty(cand, cand_name)
+    cfg = ServeConfig(candidate=backend, fallback=fb, fallback_name=fb_name, canary=50 if spec else 100, shadow=shadow,
+                      spec=spec, step_pct=10, max_batch=max_batch,
+                      queue_size=max(64, 2 * args.clients), window=20, max_failures=2, registry_db=db,
+                      timeout_s=300, candidate_timeout_s=120)
+    app = create_app(cfg)
+    server, th, base = serve_in_thread(app)
+    total = args.clients * args.requests
+
+    def progress(done: int):  # the fault covers the middle third of the requests
+        if fault:
+            if total // 3 <= done < 2 * total // 3:
+                backend.fault.set()
+            else:
+                backend.fault.clear()
+
+    try:
+        # warm-up, not measured: first-call costs (kernel planning, allocator, thread pools)
+        asyncio.run(load(base, min(args.clients, 4), 1, args.max_tokens))
+        if srv_reset := app.state.server.scorer:
+            from lowbit.serve.shadow import wait_idle
+
+            wait_idle(srv_reset, 60)
+        res = asyncio.run(load(base, args.clients, args.requests, args.max_tokens, progress))
+        srv = app.state.server
+        if srv.scorer:
+            from lowbit.serve.shadow import wait_idle
+
+            wait_idle(srv.scorer, 60)
+            s = srv.scorer.summary()
+            res["shadow"] = {k: s[k] for k in ("pairs", "mean_kld", "top1", "token_agreement")} | {"counts": s["counts"]}
+        if srv.analysis:
+            res["decisions"] = [f"{d['action']} {d['share_before']:g}->{d['share_after']:g}" for d in srv.analysis.decisions]
+        res["final_share"] = srv.router.share
+    finally:
+        server.should_exit = True
+        th.join(timeout=30)
+    res["phase"] = name
+    return res
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("lowbit.serve").setLevel(logging.ERROR)  # one warning per injected fault is noise here
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=200, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    ap.add_argument("--phases", default="alone,shadow,fault,batch")
+    ap.add_argument("--max-batch", type=int, default=8, help="the batch phase: requests decoded together")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if not (1 <= args.clients <= 256 and 1 <= args.requests <= 10_000 and 1 <= args.max_tokens <= 256):
+        ap.error("keep the load bounded: --clients 1..256, --requests 1..10000, --max-tokens 1..256")
+    cand, fb, cand_name, fb_name = models(args.tiny)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "runs.sqlite"
+        for name in args.phases.split(","):
+            shadow, spec, fault, batch = {"alone": (False, None, False, 1), "shadow": (True, None, False, 1),
+                                          "fault": (True, "default", True, 1),
+                                          "batch": (False, None, False, args.max_batch)}[name]
+            print(f"phase {name}: {args.clients} clients x {args.requests} requests ...", file=sys.stderr, flush=True)
+            results.append(phase(name, cand, fb, cand_name, fb_name, args, shadow, spec, fault, db, batch))
+    print(f"\n{args.clients} concurrent clients x {args.requests} requests, max_tokens {args.max_tokens}, "
+          f"candidate {cand_name}, fallback {fb_name}, loopback\n")
+    print("| phase | requests | failed | 429 retried | p50 ms | p95 ms | p99 ms | req/s | answered by | shadow pairs "
+          "scored / dropped | canary |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        sh = r.get("shadow")
+        shadow = "-" if not sh else (f"{sh['counts']['scored']} / {sh['counts']['dropped_full'] + sh['counts']['dropped_preempted']}"
+                                     + (f" (KLD {sh['mean_kld']:.3f})" if sh["mean_kld"] is not None else ""))
+        canary = ", ".join(r.get("decisions") or []) or f"{r['final_share']:g}%"
+        by = "; ".join(f"{k}: {v}" for k, v in r["answered_by"].items())
+        print(f"| {r['phase']} | {r['requests']} | {r['failed']} | {r['retried_429']} | {r['p50_ms']:.0f} | "
+              f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['req_per_s']:.2f} | {by} | {shadow} | {canary} |")
+    alone = next((r for r in results if r["phase"] == "alone"), None)
+    shadowed = next((r for r in results if r["phase"] == "shadow"), None)
+    if alone and shadowed:
+        print(f"\nshadow's cost on client p95: {shadowed['p95_ms'] - alone['p95_ms']:+.0f} ms "
+              f"({100 * (shadowed['p95_ms'] / alone['p95_ms'] - 1):+.1f}%)")
+    for r in results:
+        if r["failures"]:
+            print(f"{r['phase']}: first failures: {r['failures']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
