@@ -111,31 +111,7 @@ def _int5(**kw) -> QuantSpec:
     return QuantSpec(kind="int", bits=5, granularity="group", group_size=32, scale_dtype="float16", **kw)
 
 
-@pytest.mark.parametrize("spec,expect", [
-    (_int5(), "Q5_0"),
-    (_int5(symmetric=False, zero_domain="float"), "Q5_1"),
-    (_int5(symmetric=False), None),  # integer zero point: x = s * (q - z) is not d * q + m with fp16 m
-    (QuantSpec(kind="int", bits=5, granularity="group", group_size=32), None),  # fp32 scales
-    (QuantSpec(kind="int", bits=5, granularity="group", group_size=64, scale_dtype="float16"), None),
-    (QuantSpec(kind="int", bits=5, granularity="channel", scale_dtype="float16"), None),
-    (QuantSpec(kind="int", bits=6, granularity="group", group_size=32, scale_dtype="float16"), None),
-])
-def test_int5_storage_packs_into_the_same_numbers(spec, expect):
-    torch.manual_seed(0)
-    w = torch.randn(8, 128) * 0.05
-    w[0, :32] = 0  # an all-zero group
-    w[1, 32:64] = 0.125  # a constant group
-    w[2, :32] = -w[2, :32].abs()  # negative extreme
-    qt = quantize_tensor(w, spec)
-    assert ggml.exact_type(spec, 128) == expect
-    got = ggml.blocks_from_qtensor(qt)
-    if expect is None:
-        assert got is None
-        return
-    type_name, blocks = got
-    assert type_name == expect and blocks.shape == (8, 4 * ggml.BLOCK_BYTES[expect])
-    deq = quants.dequantize(blocks.numpy(), GGMLQuantizationType[expect]).reshape(w.shape)
-    assert torch.equal(torch.from_numpy(np.ascontiguousarray(deq)), dequantize_tensor(qt, torch.float32))
+# int5 storage -> Q5_0 / Q5_1 blocks: in test_ggml.py's test_lowbit_storage_packs_into_the_same_numbers
 
 
 def test_lowbit_int5_scale_rule_is_not_ggmls_but_its_blocks_are_its_own():
