@@ -236,7 +236,8 @@ def main() -> None:
     body = quality(args) if args.part == "quality" else speed(args)
     from benchmarks.presets import write_section
 
-    write_section(args.out, f"tune-{args.part}", body)
+    name = f"tune-{args.part}" + ("" if args.model == "smollm2-135m" else f"-{args.model}")
+    write_section(args.out, name, body)
     print(body)
 
 
