@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -339,8 +340,10 @@ def tune(model: str | Path, config: TuneConfig | None = None, *, out: str | Path
     say = say or (lambda s: None)
     sp = cfg.spec if isinstance(cfg.spec, Spec) else load_spec(str(cfg.spec))
     _check_spec(sp)
-    if out is not None:
+    if out is not None:  # checked before the measurement and the trials, not after them
         api.check_out_vs_input(out, model)
+        if os.path.lexists(out) and not force:
+            raise LowbitError(f"tune: --out {out} already exists; fix: pass --force to replace it, or choose another --out")
     t0 = time.perf_counter()
     deadline = t0 + cfg.time_budget_s if cfg.time_budget_s else None
     base = model if isinstance(model, Model) else api.load(model, say=say)

@@ -201,6 +201,14 @@ def test_time_budget_keeps_what_it_has(tiny_dir):
     assert not res.passed and any("time budget" in n for n in res.notes)
 
 
+def test_an_existing_out_is_refused_before_any_work(tiny_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    said = []
+    with pytest.raises(LowbitError, match="already exists; fix: pass --force"):
+        tune(str(tiny_dir), TuneConfig(spec=parse_spec(SPEC, "s"), **FAST), out=tmp_path / "taken", say=said.append)
+    assert said == []  # nothing was loaded or measured
+
+
 def test_spec_without_quality_is_refused(tiny_dir):
     with pytest.raises(LowbitError, match="no quality criterion"):
         tune(str(tiny_dir), TuneConfig(spec=parse_spec({"memory": {"reduction_pct": 50}}, "mem only"), **FAST))
