@@ -164,8 +164,8 @@ def recipe_for(alloc: Allocation, meas: Measurement, method: str, kv_cache: str 
 def _quality_only(sp: Spec) -> Spec | None:
     """The spec's quality criteria without suites, latency and bench: the cheap first stage."""
     q = {k: v for k, v in sp.section("quality").items() if k in QUALITY_KEYS}
-    if not q:
-        return None
+    if not q or not (sp.suites or sp.section("latency")):
+        return None  # nothing to skip: the whole spec is this stage (running both would measure it twice)
     data = {"quality": q}
     for key in ("memory", "eval"):
         if sp.section(key):
@@ -370,8 +370,8 @@ def tune(model: str | Path, config: TuneConfig | None = None, *, out: str | Path
                 break
             pending = [nxt]
         alloc, reason = pending.pop(0)
-        hopeless = next((b for b in batch if not b.passed and b.stage == "quality" and b.alloc.est_kld <= alloc.est_kld),
-                        None)
+        hopeless = next((b for b in batch if not b.passed and b.alloc.est_kld <= alloc.est_kld
+                         and any(_kind(r) == "quality" for r in b.failed)), None)
         if hopeless is not None:  # the first batch's mix already failed its quality criteria, estimated better
             search.notes.append(f"{alloc.how} was not built: its estimated KLD ({alloc.est_kld:.4g}) is above that of "
                                 f"trial {hopeless.index} ({hopeless.alloc.est_kld:.4g}), which failed the quality criteria")

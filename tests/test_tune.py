@@ -54,8 +54,8 @@ def _quantized_copy(base, meas, key: str, only: str | None = None):
 
 
 def test_estimate_tracks_the_real_kld(base, meas, ids):
-    # measured on this model: per-module estimates within 0.7-1.5x of the real KLD, and the sum over
-    # modules within 10% of quantizing all of them at once; the bounds leave room for seeds
+    # seen on this model: per-module estimates within 0.7-1.5x of the real KLD, and the sum over modules
+    # within 10% of quantizing all of them at once; the bounds below leave room for other seeds
     for name in [m.name for m in meas.modules][:4]:
         est = next(m for m in meas.modules if m.name == name).kld["int3-g64-asym"]
         real = _kld(base.module, _quantized_copy(base, meas, "int3-g64-asym", name), ids)

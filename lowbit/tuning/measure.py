@@ -127,8 +127,7 @@ def targets(module: nn.Module) -> list[tuple[str, nn.Linear]]:
 def _fixed_bytes(module: nn.Module, names: set[str]) -> tuple[int, int]:
     """(bytes of everything outside the menu modules as lowbit stores it, parameters of the whole model)."""
     head = module.get_output_embeddings()
-    emb = module.get_input_embeddings()
-    tied = head is not None and emb is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    head_ptr = head.weight.data_ptr() if head is not None else None  # a tied embedding shares it, counted once
     seen, fixed, params = set(), 0, 0
     for pname, p in module.named_parameters(remove_duplicate=False):
         key = p.data_ptr()
@@ -139,9 +138,7 @@ def _fixed_bytes(module: nn.Module, names: set[str]) -> tuple[int, int]:
         owner = pname.rpartition(".")[0]
         if owner in names:
             continue
-        if head is not None and p is head.weight:  # the head in INT8 per row (a tied embedding reads its rows)
-            fixed += spec_bytes(HEAD, *p.shape)
-        elif tied and p is emb.weight:
+        if key == head_ptr:  # the head in INT8 per row (a tied embedding reads its rows)
             fixed += spec_bytes(HEAD, *p.shape)
         else:
             fixed += 2 * p.numel()  # kept in float16
