@@ -644,7 +644,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOWBIT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 and /admin (401 otherwise); at least 8 characters."),
-    min_logprob: Optional[float] = typer.Option(None, "--min-logprob", help="Send candidate answers whose mean token log-prob is below this (e.g. -2.5) to the fallback."),
+    min_logprob: Optional[str] = typer.Option(None, "--min-logprob", help="Send candidate answers whose mean token log-prob is below this (e.g. -2.5) to the fallback; 'auto' (needs --shadow) calibrates the floor from shadow pairs: the highest that sends at most 2% of good answers to the fallback, set only once it catches bad ones."),
     queue_size: int = typer.Option(16, "--queue-size", min=1, help="Requests waiting or running per model; beyond it 429 with Retry-After."),
     max_batch: int = typer.Option(1, "--max-batch", min=1, max=64, help="Waiting requests a model decodes together (the lean loop's batch)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Torch/native threads per model worker; default half the CPUs."),
@@ -664,6 +664,12 @@ def serve(
     """
     from lowbit.serve import ServeConfig, run
 
+    if min_logprob is not None and min_logprob != "auto":
+        try:
+            min_logprob = float(min_logprob)
+        except ValueError:
+            raise typer.BadParameter(f"{min_logprob!r} is neither a number (e.g. -2.5) nor 'auto'",
+                                     param_hint="--min-logprob") from None
     run(ServeConfig(candidate=candidate, fallback=fallback, canary=canary, shadow=shadow, spec=spec, host=host, port=port,
                     api_key=api_key, min_mean_logprob=min_logprob, queue_size=queue_size, max_batch=max_batch,
                     threads=threads, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,

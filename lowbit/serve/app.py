@@ -133,13 +133,39 @@ class Server:
             self.analysis = CanaryAnalysis(spec, self.router, config.window, config.step_pct,
                                            config.max_canary, config.max_failures,
                                            record=lambda d: self.record({"decision": d}))
+        # the confidence floor in force: the number given, or (auto) the one calibrated from shadow pairs
+        self.auto_floor = config.min_mean_logprob == "auto"
+        self.floor = None if self.auto_floor else config.min_mean_logprob
+        self.floor_info: dict | None = None
+        self._floor_seen = 0
         if config.shadow:
             self.scorer = ShadowScorer(self.cand_w, self.fb_w, config.shadow_queue_size, config.shadow_max_tokens,
-                                       on_score=self.analysis.observe_pair if self.analysis else None,
+                                       on_score=self.on_score,
                                        record=lambda s: self.record({"shadow": s}), record_every=config.record_every,
                                        job_timeout_s=config.timeout_s)
         self.started = time.time()
         self._metrics()
+
+    def on_score(self, s) -> None:
+        """Each scored shadow pair: the canary analysis sees it; with --min-logprob auto the floor is
+        recalibrated every `floor_pairs` pairs from every pair kept."""
+        if self.analysis:
+            self.analysis.observe_pair(s)
+        if not self.auto_floor:
+            return
+        self._floor_seen += 1
+        if self._floor_seen % self.config.floor_pairs:
+            return
+        with self.scorer.lock:
+            pairs = list(self.scorer.pairs)
+        samples = [(p.candidate_mean_logprob, guard.bad_pair(p.token_agreement, p.json_asked, p.candidate_json_ok,
+                                                             p.fallback_json_ok))
+                   for p in pairs if p.candidate_mean_logprob is not None]
+        info = guard.calibrate_floor(samples, self.config.floor_false_pct, self.config.floor_pairs)
+        if info["floor"] != self.floor:
+            log.info("--min-logprob auto: floor %s -> %s (%s)", self.floor, info["floor"], info["why"])
+        self.floor, self.floor_info = info["floor"], info
+        self.record({"floor": info})
 
     def _metrics(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -157,6 +183,8 @@ class Server:
                                 registry=r)
         share = Gauge("lowbit_serve_canary_share_percent", "Percent of routed traffic sent to the candidate", registry=r)
         share.set_function(lambda: self.router.share)
+        floor = Gauge("lowbit_serve_min_logprob", "The confidence floor in force (NaN: none)", registry=r)
+        floor.set_function(lambda: float("nan") if self.floor is None else self.floor)
         depth = Gauge("lowbit_serve_queue_depth", "Client jobs waiting or running, by model", ["model"], registry=r)
         depth.labels(model=self.cand_b.name).set_function(self.cand_w.depth)
         depth.labels(model=self.fb_b.name).set_function(self.fb_w.depth)
@@ -328,7 +356,7 @@ async def _run(srv: Server, role: str, prep: Prepared, timeout: float, on_text=N
 
 def _needs_whole_answer(srv: Server, prep: Prepared) -> bool:
     """The candidate's answer must be seen whole before it is sent (JSON asked, or a confidence floor)."""
-    return prep.ask is not None or srv.config.min_mean_logprob is not None
+    return prep.ask is not None or srv.floor is not None
 
 
 def _route(srv: Server, prep: Prepared) -> str:
@@ -345,7 +373,7 @@ async def _answer(srv: Server, prep: Prepared, deadline: float, role: str | None
             limit = min(limit, srv.config.candidate_timeout_s)
         try:
             cand = await _run(srv, "candidate", prep, limit)
-            why = None if prep.pinned else guard.problem(cand, prep.ask, srv.config.min_mean_logprob)
+            why = None if prep.pinned else guard.problem(cand, prep.ask, srv.floor)
         except QueueFull:
             if prep.pinned:
                 raise _retry(srv, "candidate") from None
@@ -466,8 +494,10 @@ def _usage_chunk(prep: Prepared, name: str, r: GenResult) -> str:
 
 async def _stream(srv: Server, prep: Prepared, deadline: float, done) -> StreamingResponse:
     """Server-sent events. Where the candidate's answer must be checked whole (JSON, a confidence floor)
-    it is generated first and then sent; otherwise text goes out as it is made, and a candidate that
-    fails before its first piece is replaced by the fallback (after that, the stream ends with an error)."""
+    it is generated first and then sent; otherwise text goes out as it is made. A routed candidate that
+    fails before its first piece is replaced by the fallback; one that fails, or stalls for longer than
+    its timeout, after text was sent is continued by the fallback from that text (the last event's
+    `lowbit` field says so)."""
     role = _route(srv, prep)
     if role == "candidate" and (_needs_whole_answer(srv, prep) and not prep.pinned):
         ans = await _answer(srv, prep, deadline, role)
@@ -489,9 +519,9 @@ async def _stream(srv: Server, prep: Prepared, deadline: float, done) -> Streami
     loop = asyncio.get_running_loop()
     reason = guard.PINNED if prep.pinned else (guard.ROUTED if role == "candidate" else guard.ROUTED_FALLBACK)
 
-    async def start(role: str):
+    async def start(role: str, ids: list[int] | None = None, params: GenParams | None = None):
         pieces: asyncio.Queue = asyncio.Queue()
-        ids, params = prep.ids(role), prep.params
+        ids, params = ids or prep.ids(role), params or prep.params
 
         def on_text(s: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, s)
@@ -544,30 +574,85 @@ async def _stream(srv: Server, prep: Prepared, deadline: float, done) -> Streami
                        code="timeout") from None
     name = srv.names[role]
 
+    async def rescue(why: str, sent: str):
+        """The routed candidate failed or stalled after text was sent: the fallback continues the answer
+        from what the client already has (its prompt plus the text sent, within the same max_tokens)."""
+        fb = srv.backend("fallback")
+        done_ids = fb.encode_continuation(sent)
+        left = prep.params.max_tokens - len(done_ids)
+        if left <= 0:
+            return None
+        srv.m_fallbacks.labels(reason=why).inc()
+        log.warning("candidate %s mid-answer after %d characters: the fallback continues", why, len(sent))
+        from dataclasses import replace as _replace
+
+        return await start("fallback", prep.ids("fallback") + done_ids, _replace(prep.params, max_tokens=left))
+
     async def events():
-        nonlocal getter
+        nonlocal getter, fut, job, pieces, role, reason, name
+        sent, rescued = "", None
         try:
             yield _chunk(prep, name, "", None, first=True)
             while True:
-                if getter.done():
-                    yield _chunk(prep, name, getter.result(), None)
-                    getter = asyncio.ensure_future(pieces.get())
-                    continue
-                if fut.done() and pieces.empty():
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise asyncio.TimeoutError()
-                await asyncio.wait({getter, fut}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            getter.cancel()
-            try:
-                r = fut.result()
-            except Exception as e:
-                done(role, reason, None, 500)
-                yield "data: " + json.dumps(error_body(f"the {role} model failed mid-answer: {e}", "server_error")) + "\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            yield _chunk(prep, name, None, r.finish_reason)
+                can_rescue = role == "candidate" and not prep.pinned and rescued is None
+                why = None
+                while True:
+                    if getter.done():
+                        piece = getter.result()
+                        sent += piece
+                        yield _chunk(prep, name, piece, None)
+                        getter = asyncio.ensure_future(pieces.get())
+                        continue
+                    if fut.done() and pieces.empty():
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise asyncio.TimeoutError()
+                    # a routed candidate may not stall between pieces for longer than its own timeout
+                    wait = min(left, srv.config.candidate_timeout_s) if can_rescue else left
+                    got, _ = await asyncio.wait({getter, fut}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    if not got and can_rescue and wait < left:
+                        why = guard.TIMEOUT
+                        job.cancelled.set()
+                        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # its Cancelled is expected
+                        break
+                getter.cancel()
+                r = None
+                if why is None:
+                    try:
+                        r = fut.result()
+                    except Exception as e:
+                        if not can_rescue:
+                            done(role, reason, None, 500)
+                            yield "data: " + json.dumps(error_body(f"the {role} model failed mid-answer: {e}",
+                                                                   "server_error")) + "\n\n"
+                            yield "data: [DONE]\n\n"
+                            return
+                        log.warning("candidate failed mid-answer: %s: %s", type(e).__name__, e)
+                        why = guard.ERROR
+                if why is not None:  # hand the rest of the answer to the fallback
+                    try:
+                        nxt = await rescue(why, sent)
+                    except (QueueFull, asyncio.TimeoutError, Exception) as e:
+                        done(role, reason, None, 500)
+                        yield "data: " + json.dumps(error_body(f"the candidate failed mid-answer ({why}) and the "
+                                                               f"fallback could not continue it: {e}",
+                                                               "server_error")) + "\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                    rescued = {"model_role": "fallback", "reason": why, "rescued_after_chars": len(sent)}
+                    role, reason, name = "fallback", why, srv.names["fallback"]
+                    if nxt is None:  # the candidate had used up max_tokens already
+                        r = GenResult("", [], [], "length", 0, 0.0)
+                    else:
+                        job, fut, pieces, getter = nxt
+                        continue
+                break
+            end = _chunk(prep, name, None, r.finish_reason)
+            if rescued:  # the last event says who finished the answer and why
+                obj = json.loads(end[len("data: "):])
+                end = "data: " + json.dumps(obj | {"lowbit": rescued}) + "\n\n"
+            yield end
             if prep.include_usage:
                 yield _usage_chunk(prep, name, r)
             yield "data: [DONE]\n\n"
@@ -721,7 +806,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"share": srv.router.share, "history": srv.router.history[-50:],
                 "analysis": None if a is None else {"rolled_back": a.rolled_back, "failing_windows": a.failures,
                                                     "decisions": a.decisions[-20:]},
-                "shadow": srv.scorer.summary() if srv.scorer else None}
+                "shadow": srv.scorer.summary() if srv.scorer else None,
+                "min_logprob": {"floor": srv.floor, "auto": srv.auto_floor, "calibration": srv.floor_info}}
 
     @app.get("/admin/canary")
     async def get_canary(request: Request):

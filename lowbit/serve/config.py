@@ -39,7 +39,10 @@ class ServeConfig:
     default_max_tokens: int = 128
     timeout_s: float = 120.0  # a whole request; past it: 504
     candidate_timeout_s: float = 30.0  # the candidate's answer; past it the fallback answers
-    min_mean_logprob: float | None = None  # below it the candidate's answer counts as low-confidence
+    # below it the candidate's answer counts as low-confidence; "auto": calibrated from shadow pairs
+    min_mean_logprob: float | str | None = None
+    floor_pairs: int = 50  # "auto": shadow pairs before the first calibration, and between recalibrations
+    floor_false_pct: float = 2.0  # "auto": the share of good answers the floor may send to the fallback
     repetition_penalty: float = 1.1  # as `lowbit generate` (small models loop without it)
     shadow_queue_size: int = 8  # pairs waiting to be scored; beyond it new pairs are dropped
     shadow_max_tokens: int = 64  # at most this many tokens per shadow replay
@@ -84,8 +87,14 @@ class ServeConfig:
         number("step_pct", 0, 100, low_open=True)
         number("max_canary", 0, 100)
         number("max_failures", 1, 1000, integer=True)
-        if self.min_mean_logprob is not None:
+        if self.min_mean_logprob == "auto":
+            if not self.shadow:
+                raise LowbitError("serve --min-logprob auto: the floor is calibrated from shadow pairs; "
+                                  "fix: add --shadow, or give a number such as -2.5")
+        elif self.min_mean_logprob is not None:
             number("min_mean_logprob", -1000, 0)
+        number("floor_pairs", 1, 1_000_000, integer=True)
+        number("floor_false_pct", 0, 50)
         if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
             raise LowbitError("serve --api-key: use at least 8 characters (or leave it out for no key)")
         for name in ("served_name", "candidate_name", "fallback_name"):

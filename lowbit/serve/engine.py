@@ -87,6 +87,10 @@ class Backend:
     def encode_text(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of text that continues an answer already begun (no special tokens in front)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

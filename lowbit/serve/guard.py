@@ -97,3 +97,40 @@ def problem(result, ask: JsonAsk | None, min_mean_logprob: float | None) -> str 
     if min_mean_logprob is not None and mean is not None and mean < min_mean_logprob:
         return LOW_CONFIDENCE
     return None
+
+
+def bad_pair(token_agreement: float, json_asked: bool, cand_json_ok: bool | None, fb_json_ok: bool | None,
+             min_agreement: float = 0.5) -> bool:
+    """A shadow pair where the candidate's answer should have been replaced: it broke JSON the fallback
+    got right, or it shares fewer than `min_agreement` of its tokens with the fallback's answer."""
+    if json_asked and fb_json_ok and cand_json_ok is False:
+        return True
+    return token_agreement < min_agreement
+
+
+def calibrate_floor(samples: list[tuple[float, bool]], max_false_pct: float = 2.0, min_pairs: int = 50) -> dict:
+    """The --min-logprob floor from shadow pairs: samples of (candidate mean log-prob, bad pair).
+
+    The floor flags answers whose mean log-prob is under it. It is the highest value that flags at most
+    `max_false_pct` percent of the good answers (the fallbacks it costs); if no bad answer lies under
+    it, confidence does not separate bad from good here and no floor is set (a floor would only cost
+    fallbacks). Returns the floor (None when unset), the evidence, and why."""
+    good = sorted(lp for lp, bad in samples if not bad)
+    bad = sorted(lp for lp, b in samples if b)
+    out = {"floor": None, "pairs": len(samples), "good": len(good), "bad": len(bad), "caught_bad_pct": None,
+           "false_fallback_pct": None, "max_false_pct": max_false_pct}
+    if len(samples) < min_pairs:
+        return out | {"why": f"{len(samples)} of the {min_pairs} shadow pairs needed"}
+    if not bad:
+        return out | {"why": "no bad pair seen: no floor"}
+    if not good:
+        return out | {"why": "every scored pair is bad: the canary analysis, not a floor, should act"}
+    k = int(max_false_pct / 100 * len(good))  # good answers the floor may flag
+    floor = good[k] if k < len(good) else good[-1]
+    caught = sum(lp < floor for lp in bad)
+    if not caught:
+        return out | {"why": f"no bad pair is less confident than the {max_false_pct:g}% least confident good "
+                             f"ones: no floor"}
+    false = sum(lp < floor for lp in good)
+    return out | {"floor": floor, "caught_bad_pct": 100 * caught / len(bad), "false_fallback_pct": 100 * false / len(good),
+                  "why": f"flags {caught} of {len(bad)} bad and {false} of {len(good)} good shadow answers"}

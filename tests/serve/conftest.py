@@ -70,3 +70,34 @@ class Blocking(Backend):
 @pytest.fixture()
 def registry_db(tmp_path):
     return tmp_path / "runs.sqlite"
+
+
+class BreaksMidway(Scripted):
+    """Streams its first `after` tokens, then raises (mode "raise") or stalls until cancelled ("stall")."""
+
+    def __init__(self, text: str, name: str, after: int, mode: str = "raise") -> None:
+        super().__init__(text, name)
+        self.after, self.mode = after, mode
+
+    def generate(self, prompt_ids, params, on_text=None, should_stop=lambda: False):
+        ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"]
+        for i in range(self.after):
+            if on_text:
+                on_text(self.decode(ids[: i + 1])[len(self.decode(ids[:i])):])
+        if self.mode == "raise":
+            raise RuntimeError("injected fault mid-answer")
+        while not should_stop():
+            time.sleep(0.01)
+        raise Cancelled()
+
+
+class Recording(Scripted):
+    """A Scripted model that keeps the prompt ids and max_tokens of every call."""
+
+    def __init__(self, text: str, name: str) -> None:
+        super().__init__(text, name)
+        self.seen: list[tuple[list[int], int]] = []
+
+    def generate(self, prompt_ids, params, on_text=None, should_stop=lambda: False):
+        self.seen.append((list(prompt_ids), params.max_tokens))
+        return super().generate(prompt_ids, params, on_text, should_stop)

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lowbit.serve import ServeConfig, create_app
-from tests.serve.conftest import Blocking, Raising, Scripted, tiny_model
+from tests.serve.conftest import Blocking, BreaksMidway, Raising, Recording, Scripted, tiny_model
 
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "Reply with a JSON object."}]
@@ -142,6 +142,45 @@ def test_schema_violation_and_low_confidence_go_to_the_fallback():
         assert r.json()["choices"][0]["message"]["content"] == "sure"
 
 
+def test_min_logprob_auto_is_calibrated_from_shadow_pairs():
+    from lowbit.serve.guard import calibrate_floor
+
+    # confidence separates bad answers (-3..-4) from good ones (-0.5..-1.5): the floor sits between,
+    # at the 2% least confident good answer
+    good = [(-0.5 - i / 100, False) for i in range(100)]
+    bad = [(-3.0 - i / 10, True) for i in range(10)]
+    info = calibrate_floor(good + bad, max_false_pct=2.0, min_pairs=50)
+    assert info["floor"] == pytest.approx(-1.47) and info["caught_bad_pct"] == 100 and info["false_fallback_pct"] == 2
+    # too few pairs, no bad pair, or bad pairs as confident as good ones: no floor, and it says why
+    assert calibrate_floor(good[:10] + bad, min_pairs=50)["floor"] is None
+    assert "no bad pair" in calibrate_floor(good, min_pairs=50)["why"]
+    assert calibrate_floor(good + [(-0.6, True)], min_pairs=50)["floor"] is None
+    with pytest.raises(Exception, match="--shadow"):
+        ServeConfig(candidate=None, fallback=None, min_mean_logprob="auto").check()
+    # live: shadow pairs whose candidate answer disagrees entirely are scored bad; the floor is set
+    # once they are less confident than the good ones, and then low-confidence answers go to the fallback
+    cand = Scripted("yes", "cand", logprob=-0.2)
+    fb = Scripted("yes", "fb")
+    with client(candidate=cand, fallback=fb, canary=100, shadow=True, min_mean_logprob="auto", floor_pairs=5) as c:
+        srv = c.app.state.server
+        from lowbit.serve.shadow import wait_idle
+
+        for i in range(5):
+            assert chat(c, max_tokens=4).headers["x-lowbit-reason"] == "canary"
+            wait_idle(srv.scorer, 30)
+        assert srv.floor is None and "no bad pair" in srv.floor_info["why"]
+        cand.text, cand.logprob = "no way", -5.0
+        for i in range(5):
+            chat(c, max_tokens=4)
+            wait_idle(srv.scorer, 30)
+        assert srv.floor == pytest.approx(-0.2) and srv.floor_info["caught_bad_pct"] == 100
+        r = chat(c, max_tokens=4)
+        assert r.headers["x-lowbit-reason"] == "low_confidence" and r.json()["model"] == "fb"
+        state = c.get("/admin/canary").json()["min_logprob"]
+        assert state["auto"] and state["floor"] == pytest.approx(-0.2)
+        assert "lowbit_serve_min_logprob -0.2" in c.get("/metrics").text
+
+
 def test_a_candidate_that_raises_or_stalls_is_answered_by_the_fallback():
     cand = Raising("cand")
     with client(candidate=cand, canary=100) as c:
@@ -177,6 +216,35 @@ def _events(text: str) -> list[dict]:
         if line.startswith("data: ") and line != "data: [DONE]":
             out.append(json.loads(line[6:]))
     return out
+
+
+@pytest.mark.parametrize("mode", ["raise", "stall"])
+def test_a_stream_the_candidate_breaks_midway_is_finished_by_the_fallback(mode):
+    cand = BreaksMidway("Hello there, friend", "cand", after=3, mode=mode)
+    fb = Recording(" and goodbye", "fb")
+    with client(candidate=cand, fallback=fb, canary=100, candidate_timeout_s=0.3) as c:
+        r = chat(c, max_tokens=30, stream=True)
+        assert r.status_code == 200
+        events = _events(r.text)
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        sent = cand.decode(cand.tokenizer("Hello there, friend", add_special_tokens=False)["input_ids"][:3])
+        assert text == sent + " and goodbye"
+        models = [e["model"] for e in events if e["choices"][0]["delta"].get("content")]
+        assert models[:3] == ["cand"] * 3 and set(models[3:]) == {"fb"}
+        why = "candidate_error" if mode == "raise" else "candidate_timeout"
+        assert events[-1]["lowbit"] == {"model_role": "fallback", "reason": why, "rescued_after_chars": len(sent)}
+        # the fallback continued from the prompt plus the text already sent, within the same max_tokens
+        prompt = c.app.state.server.fb_b.encode_chat(MSG)
+        (ids, max_tokens), = fb.seen
+        done = fb.encode_continuation(sent)
+        assert ids == prompt + done and max_tokens == 30 - len(done)
+        metrics = c.get("/metrics").text
+        assert f'lowbit_serve_fallbacks_total{{reason="{why}"}} 1.0' in metrics
+        # pinned to the candidate, the break is the client's: an error event, no rescue
+        r = c.post(CHAT, json={"model": "cand", "messages": MSG, "stream": True, "max_tokens": 10}) if mode == "raise" \
+            else None
+        if r is not None:
+            assert "failed mid-answer" in r.text and len(fb.seen) == 1
 
 
 def test_streaming_sends_the_same_text_as_the_whole_answer():
