@@ -8,7 +8,8 @@ its torch prefill filled. Nothing is copied but biases (to float32).
 
 `NativeStep.build(dec)` returns None, and `why` says why, unless: batch 1, float32 activations and KV
 cache, a model the lean loop runs (Llama layout: llama, mistral, qwen2; Gemma 3 text), and every
-projection on a kernel it has (int4 in lowbit's q4 layout, int8 per channel, float32 or bf16 Linear).
+projection on a kernel it has (int4 in lowbit's q4 layout, int8 per channel (W8A8 too: its codes on the
+native int8 kernel, kernels.int8dyn_native), float32 or bf16 Linear).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def linear_kernel(m: nn.Module) -> tuple[int, dict] | str:
                         f"(lowbit's q4 layout needs rows in blocks of 32)")
             return LIN_INT4, {"w": p["w"], "s": p["p"], "group": m.plan.group, "center": m.plan.center,
                               "perm": p.get("perm")}
-        if m.plan.name == "int8pack":
+        if m.plan.name in ("int8pack", "int8dyn"):
             if not native.int8_supported(m.in_features):
                 return f"int8 with {m.in_features} inputs (needs a multiple of 32)"
+            if m.plan.name == "int8dyn":  # W8A8: its codes unpacked once (kernels.int8dyn_native says why)
+                w, s = kernels.int8dyn_native(p)
+                return LIN_INT8, {"w": w, "s": s}
             return LIN_INT8, {"w": p["w"], "s": p["s"]}
         return f"kernel {m.plan.name}"
     if isinstance(m, nn.Linear) and m.weight.dtype in (torch.float32, torch.bfloat16) and m.in_features % 8 == 0:

@@ -302,7 +302,7 @@ def test_native_step_with_attention_wider_than_hidden_and_mlp(path, tmp_path, mo
     assert _rel(nat, ref) < 2 * NATIVE_TOL
 
 
-@pytest.mark.parametrize("preset", ["int8", "w4-g32", "w4-g128"])
+@pytest.mark.parametrize("preset", ["int8", "w4-g32", "w4-g128", "w8a8-dynamic"])
 def test_native_step_close_to_the_float_model_for_quantized_presets(path, ids, preset):
     """The native step against the same quantized model on the reference path (float activations):
     within the kernels' stated tolerance, and the float model's next token mostly kept."""
