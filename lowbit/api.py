@@ -205,10 +205,22 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
     base, cand = load_pair(baseline, candidate, say)
     run = _evaluate(base, cand, config, say)
     run["kind"] = "gate"
+    cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
+    # a measurement that cannot run fails its criteria with the reason (gate.evaluate); it never passes
     if sp.section("latency"):
-        cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
         say("latency benchmark")
-        run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=False)
+        try:
+            run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=False)
+        except (LowbitError, RuntimeError, OSError) as e:
+            run["bench_error"] = f"{type(e).__name__}: {e}"
+    if "rss_reduction_pct" in sp.section("memory"):
+        from lowbit.benchmark.latency import held_memory_pair
+
+        say("process memory (a fresh process per model)")
+        try:
+            run["process_memory"] = held_memory_pair(base, cand, wikipedia_text(), cfg)
+        except (LowbitError, RuntimeError, OSError) as e:
+            run["process_memory_error"] = f"{type(e).__name__}: {e}"
     run["gate"] = verdict(sp, run)
     return run
 

@@ -399,14 +399,15 @@ def gate(
     sp = load_spec(spec)  # a bad spec or user file fails before any model loads
     check_user_files((sp.suites["user"]["file"],) if "user" in sp.suites else ())
     base, cand = load_pair(*_load_both(baseline, candidate), _say)
-    steps = 1 + len(sp.suites) + (1 if "general" not in sp.suites else 0) + (1 if sp.section("latency") else 0)
+    steps = (1 + len(sp.suites) + (1 if "general" not in sp.suites else 0) + (1 if sp.section("latency") else 0)
+             + (1 if "rss_reduction_pct" in sp.section("memory") else 0))
     run = _with_progress(steps, lambda say: api.gate(sp, base, cand, quick=quick, kv_cache=kv_cache, say=say))
     t = Table(title=f"gate: {sp.source}")
     for col in ("criterion", "value", "", "threshold", "result"):
         t.add_column(col)
     for r in run["gate"]["criteria"]:
         val = "n/a" if r["value"] is None else f"{r['value']:.4g}"
-        t.add_row(r["name"], val, r["op"], f"{r['threshold']:g}", "[green]PASS[/]" if r["passed"] else "[red]FAIL[/]")
+        t.add_row(r["name"], val, r["op"], f"{r['threshold']:g}", "[dim]n/a[/]" if r["passed"] is None else "[green]PASS[/]" if r["passed"] else "[red]FAIL[/]")
     out.print(t)
     _finish_run(run, report_dir, no_report)
     verdict = run["gate"]["passed"]

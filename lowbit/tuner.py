@@ -482,7 +482,7 @@ def _run_trial(t: Trial, base: Model, data: CalibData, meas: Measurement, sp: Sp
         run = api.gate(sp, base, cand, quick=cfg.quick, say=step)
         t.stage = "full"
     rows = run["gate"]["criteria"]
-    t.passed, t.criteria, t.failed = run["gate"]["passed"], rows, [r for r in rows if not r["passed"]]
+    t.passed, t.criteria, t.failed = run["gate"]["passed"], rows, [r for r in rows if r["passed"] is False]
     t.mean_kld = (run.get("divergence") or {}).get("mean_kld")
     t.p95_ms = (((run.get("bench") or {}).get("candidate") or {}).get("latency_ms") or {}).get("p95")
     t.seconds = time.perf_counter() - t0

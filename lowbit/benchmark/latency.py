@@ -320,6 +320,18 @@ def rss_target(loaded: Model) -> tuple[str, dict | None]:
 
 
 # -- peak memory in a fresh process -----------------------------------------------------------------
+def rss_now_bytes() -> int:
+    """This process's resident memory now (VmRSS; the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max_rss_bytes()
+
+
 def max_rss_bytes() -> int:
     """This process's peak RSS in bytes.
 
@@ -338,20 +350,48 @@ def max_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports kilobytes, macOS bytes
 
 
-def peak_rss_subprocess(model_path: str | None, config: BenchConfig, text: str = "", recipe: dict | None = None) -> int:
-    """Peak RSS (bytes) of a fresh Python that loads model_path, applies recipe (if any) and runs one request
-    of the longest prompt length. model_path None: the floor (the same imports, nothing loaded)."""
+def _rss_proc(model_path: str | None, config: BenchConfig, text: str = "", recipe: dict | None = None):
     job = {"path": model_path, "recipe": recipe, "config": asdict(config), "text": text[:20_000],
            "threads": torch.get_num_threads()}
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # so the child imports this lowbit even if not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "from lowbit.benchmark.latency import _rss_child; _rss_child()"
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    return proc, json.dumps(job)
+
+
+def _rss_result(model_path: str | None, proc, job: str) -> dict:
+    out, err = proc.communicate(job)
     if proc.returncode != 0:
-        raise LowbitError(f"peak memory of model '{model_path}': the measuring subprocess failed "
-                          f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
+        raise LowbitError(f"memory of model '{model_path}': the measuring subprocess failed "
+                          f"(exit {proc.returncode}): {err.strip()[-800:]}")
+    return {k: int(v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+def process_memory(model_path: str | None, config: BenchConfig, text: str = "", recipe: dict | None = None) -> dict:
+    """Memory of a fresh Python that loads model_path, applies recipe (if any) and runs one request of the
+    longest prompt length: peak_rss_bytes (its high-water mark) and rss_bytes (resident after the request,
+    what a serving process goes on holding). model_path None: the floor (the same imports, nothing loaded)."""
+    return _rss_result(model_path, *_rss_proc(model_path, config, text, recipe))
+
+
+def peak_rss_subprocess(model_path: str | None, config: BenchConfig, text: str = "", recipe: dict | None = None) -> int:
+    """Peak RSS (bytes) of process_memory's fresh process."""
+    return process_memory(model_path, config, text, recipe)["peak_rss_bytes"]
+
+
+def held_memory_pair(baseline: Model, candidate: Model, text: str, config: BenchConfig) -> dict:
+    """process_memory of both models, their two fresh processes run side by side (memory does not depend
+    on timing): {"baseline": {...}, "candidate": {...}}. A model quantized in memory is rebuilt in its
+    process from the float model and its recipe; resident memory after the request is what counts then,
+    since the float weights were loaded on the way."""
+    procs = {}
+    for side, ld in (("baseline", baseline), ("candidate", candidate)):
+        path, recipe = rss_target(ld)
+        procs[side] = (path, *_rss_proc(path, config, text, recipe))
+    return {side: _rss_result(*p) for side, p in procs.items()}
 
 
 def _rss_child() -> None:
@@ -374,4 +414,7 @@ def _rss_child() -> None:
         prompt = text_tokens(loaded.tokenizer, job["text"] or FILLER, config.max_prompt_tokens)
         timed_request(loaded.module, [prompt] * config.batch_size, config.output_tokens, pad_id(loaded.tokenizer),
                       config.engine, config.kv_cache)
-    print(json.dumps({"peak_rss_bytes": max_rss_bytes()}))
+    import gc
+
+    gc.collect()
+    print(json.dumps({"peak_rss_bytes": max_rss_bytes(), "rss_bytes": rss_now_bytes()}))

@@ -14,7 +14,7 @@
         json_tasks: {min_valid_pct: 80, max_valid_drop: 10, max_correct_drop: 10}
         user: {file: my_evals.jsonl, min_pass_pct: 90, max_pass_drop: 5}
     latency: {p95_improvement_pct: 20, min_decode_speedup: 1.5}
-    memory: {reduction_pct: 50}
+    memory: {reduction_pct: 50, rss_reduction_pct: 40}   # weight bytes; resident memory of a fresh process
     eval: {samples: 16, seq_len: 256}              # optional: how much text the quality part reads
     bench: {prompt_tokens: 128, output_tokens: 32, requests: 12, batch_size: 1, concurrency: 1}
 
@@ -53,7 +53,7 @@ SUITE_KEYS = {
 SECTION_KEYS = {
     "quality": QUALITY_KEYS | {"suites"},
     "latency": {"p95_improvement_pct", "min_decode_speedup"},
-    "memory": {"reduction_pct"},
+    "memory": {"reduction_pct", "rss_reduction_pct"},
     "eval": {"samples", "seq_len", "context"},
     "bench": {"prompt_tokens", "output_tokens", "requests", "batch_size", "concurrency", "warmup"},
 }
@@ -71,7 +71,7 @@ RANGES = {
     "quality.suites.json_tasks": {"min_valid_pct": _PCT, "max_valid_drop": _DROP, "max_correct_drop": _DROP},
     "quality.suites.user": {"min_pass_pct": _PCT, "max_pass_drop": _DROP},
     "latency": {"p95_improvement_pct": (-1000, 100, True), "min_decode_speedup": (0, 1000, False)},
-    "memory": {"reduction_pct": (-1000, 100, True)},
+    "memory": {"reduction_pct": (-1000, 100, True), "rss_reduction_pct": (-1000, 100, True)},
 }
 # (low, high) of the integer fields: how much text the quality part reads, and the bench load.
 INT_RANGES = {
@@ -212,18 +212,33 @@ def evaluate(spec: Spec, run: dict) -> dict:
         rows += _suite_rows(name, crit, s)
     bench = run.get("bench")
     lat = spec.section("latency")
+    why = f"the latency benchmark could not run: {run['bench_error']}" if run.get("bench_error") else ""
     if "p95_improvement_pct" in lat:
+        detail = why or (f"p95 {bench['baseline']['latency_ms']['p95']:.0f} ms -> {bench['candidate']['latency_ms']['p95']:.0f} ms"
+                         if bench else "")
         rows.append(_row("p95 latency improvement %", bench["ratios"]["p95_improvement_pct"] if bench else None, ">=",
-                         lat["p95_improvement_pct"]))
+                         lat["p95_improvement_pct"], detail))
     if "min_decode_speedup" in lat:
+        detail = why or (f"{bench['baseline']['decode_tok_s']:.1f} -> {bench['candidate']['decode_tok_s']:.1f} tokens/s"
+                         if bench and bench["baseline"]["decode_tok_s"] and bench["candidate"]["decode_tok_s"] else "")
         rows.append(_row("decode tokens/s speedup", bench["ratios"]["decode_tok_s"] if bench else None, ">=",
-                         lat["min_decode_speedup"]))
+                         lat["min_decode_speedup"], detail))
     mem = spec.section("memory")
     if "reduction_pct" in mem:
         b, c = run["baseline"].get("weight_bytes"), run["candidate"].get("weight_bytes")
         rows.append(_row("weight memory reduction %", 100 * (1 - c / b) if b and c else None, ">=", mem["reduction_pct"],
                          f"{b / 1e6:.1f} MB -> {c / 1e6:.1f} MB" if b and c else ""))
-    return {"passed": all(r["passed"] for r in rows) and bool(rows), "spec": spec.source, "criteria": rows}
+    if "rss_reduction_pct" in mem:
+        pm = run.get("process_memory") or {}
+        b, c = (pm.get("baseline") or {}).get("rss_bytes"), (pm.get("candidate") or {}).get("rss_bytes")
+        detail = (f"the memory measurement could not run: {run['process_memory_error']}" if run.get("process_memory_error")
+                  else f"{b / 1e6:.0f} MB -> {c / 1e6:.0f} MB resident after loading and one request, each in a "
+                       f"fresh process" if b and c else "")
+        rows.append(_row("process memory reduction %", 100 * (1 - c / b) if b and c else None, ">=",
+                         mem["rss_reduction_pct"], detail))
+    # a row that does not apply (passed None, a suite that cannot judge this pair) neither passes nor fails
+    judged = [r for r in rows if r["passed"] is not None]
+    return {"passed": bool(judged) and all(r["passed"] for r in judged), "spec": spec.source, "criteria": rows}
 
 
 def _metric(s: dict, key: str, who: str) -> float | None:
@@ -243,6 +258,10 @@ def _suite_rows(name: str, crit: dict, s: dict | None) -> list[dict]:
 
     for key, val in crit.items():
         if key == "file":
+            continue
+        if s is not None and s.get("skipped"):  # the suite cannot judge this pair: neither pass nor fail
+            rows.append({"name": f"{name}: {key}", "value": None, "op": "", "threshold": val, "passed": None,
+                         "detail": f"not applicable: {s['skipped']}"})
             continue
         if name == "jargon":
             row = {"max_acc_drop": ("jargon: token accuracy drop (points)", drop("jargon_acc_pct"), "<="),

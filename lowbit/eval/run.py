@@ -11,6 +11,7 @@ import torch
 from lowbit.data.corpora import wikipedia_articles
 from lowbit.errors import LowbitError
 from lowbit.eval import divergence
+from lowbit.eval.basecache import baseline_key
 from lowbit.eval.suites import text as text_suites
 from lowbit.model.handle import Model
 from lowbit.model.load import load_model
@@ -84,7 +85,8 @@ def evaluate(base: Model, cand: Model, opts: EvalConfig, say: Say = lambda s: No
     samples = divergence.make_samples(base.tokenizer, texts, opts.n_seq, opts.n_samples)
     say(f"divergence: {len(samples)} Wikipedia samples x {opts.n_seq} tokens")
     with torch.no_grad():
-        run["divergence"] = divergence.compare(base.module, cand.module, samples, base.source.get("sha256"), opts.worst)
+        # cached only for a float baseline: an artifact's source sha256 names its float model, not itself
+        run["divergence"] = divergence.compare(base.module, cand.module, samples, baseline_key(base), opts.worst)
     for name in opts.suites:
         say(f"suite: {name}")
         result = text_suites.general(run["divergence"]) if name == "general" else run_suite(name, base, cand, opts)

@@ -32,6 +32,7 @@ class SuiteResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # {metric: {"baseline": x, "candidate": y}}
     worst: list[Case] = field(default_factory=list)
     notes: str = ""
+    skipped: str = ""  # why the suite could not judge the candidate here (its criteria read "n/a", not pass)
 
     @property
     def delta(self) -> float:

@@ -131,8 +131,8 @@ def gate_table(gate: dict) -> Table:
     for c in gate.get("criteria", []):
         ok = c.get("passed")
         rows.append([fmt(c.get("name")), fmt(c.get("value")), fmt(c.get("op")), fmt(c.get("threshold")),
-                     "PASS" if ok else "FAIL", fmt(c.get("detail") or "")])
-        tones.append("good" if ok else "bad")
+                     "n/a" if ok is None else "PASS" if ok else "FAIL", fmt(c.get("detail") or "")])
+        tones.append(None if ok is None else "good" if ok else "bad")
     return Table("Criteria", ["Criterion", "Value", "Op", "Threshold", "Result", "Detail"], rows,
                  align="lrcrll", tones=tones, tone_col=4, note=f"spec: {gate['spec']}" if gate.get("spec") else "")
 
@@ -140,8 +140,10 @@ def gate_table(gate: dict) -> Table:
 def verdict(gate: dict) -> str:
     crit = gate.get("criteria", [])
     n_ok = sum(bool(c.get("passed")) for c in crit)
+    n_na = sum(c.get("passed") is None for c in crit)
     word = "PASS" if gate.get("passed") else "FAIL"
-    return f"{word}: {n_ok} of {len(crit)} criteria passed" if crit else word
+    return (f"{word}: {n_ok} of {len(crit) - n_na} criteria passed" + (f" ({n_na} not applicable)" if n_na else "")
+            if crit else word)
 
 
 def divergence_table(div: dict) -> Table:

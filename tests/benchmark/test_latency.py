@@ -204,3 +204,25 @@ def test_peak_rss_subprocess_exceeds_floor(tiny_dir):
     peak = peak_rss_subprocess(str(tiny_dir), cfg, text=TEXT)
     assert 50 * 2**20 < floor < peak  # torch alone is tens of MB
     assert floor < parent - 128 * 2**20
+
+
+@pytest.mark.slow  # two fresh Python processes, run side by side
+def test_held_memory_pair_measures_each_model_in_its_own_process(tmp_path):
+    import warnings
+
+    import lowbit
+
+    from tests.conftest import make_tiny_llama, save_hf
+
+    # 63 MB of float weights against about 9 MB at 4 bits: a difference well above the noise
+    big = make_tiny_llama(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=4)
+    save_hf(big, tmp_path / "fp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.save(lowbit.quantize(lowbit.load(str(tmp_path / "fp")), "w4-g32"), tmp_path / "w4")
+    fp, w4 = lowbit.load(str(tmp_path / "fp")), lowbit.load(str(tmp_path / "w4"))
+    got = latency.held_memory_pair(fp, w4, TEXT, BenchConfig(prompt_tokens=12, output_tokens=4))
+    for side in ("baseline", "candidate"):
+        assert 50 * 2**20 < got[side]["rss_bytes"] <= got[side]["peak_rss_bytes"]
+    assert got["candidate"]["rss_bytes"] < got["baseline"]["rss_bytes"]

@@ -43,6 +43,40 @@ def test_unmeasured_criterion_fails():
     assert not res["passed"] and res["criteria"][0]["detail"] == "not measured"
 
 
+def test_latency_and_process_memory_rows_carry_their_evidence_or_the_reason_they_failed():
+    spec = parse_spec({"latency": {"p95_improvement_pct": 0, "min_decode_speedup": 1.0},
+                       "memory": {"rss_reduction_pct": 30}}, "t")
+    run = make_run()
+    run["bench_error"] = "LowbitError: prompts up to 4096 tokens exceed the model's context (256)"
+    run["process_memory_error"] = "LowbitError: the measuring subprocess failed (exit 1)"
+    res = evaluate(spec, run)
+    assert not res["passed"] and all(r["passed"] is False for r in res["criteria"])
+    assert all("could not run" in r["detail"] for r in res["criteria"])
+    assert "exceed the model's context" in res["criteria"][0]["detail"]
+    run = make_run()
+    run["bench"] = {"baseline": {"latency_ms": {"p95": 200.0}, "decode_tok_s": 50.0},
+                    "candidate": {"latency_ms": {"p95": 150.0}, "decode_tok_s": 40.0},
+                    "ratios": {"p95_improvement_pct": 25.0, "decode_tok_s": 0.8}}
+    run["process_memory"] = {"baseline": {"rss_bytes": 1000e6}, "candidate": {"rss_bytes": 600e6}}
+    rows = {r["name"]: r for r in evaluate(spec, run)["criteria"]}
+    assert rows["p95 latency improvement %"]["passed"] and rows["p95 latency improvement %"]["detail"] == "p95 200 ms -> 150 ms"
+    assert rows["decode tokens/s speedup"]["passed"] is False and "50.0 -> 40.0" in rows["decode tokens/s speedup"]["detail"]
+    assert rows["process memory reduction %"]["value"] == pytest.approx(40) and rows["process memory reduction %"]["passed"]
+    assert "1000 MB -> 600 MB" in rows["process memory reduction %"]["detail"]
+
+
+def test_a_latency_criterion_where_the_bench_cannot_run_fails_with_the_reason(tiny_dir):
+    import lowbit
+
+    fp = lowbit.load(str(tiny_dir))
+    spec = parse_spec({"quality": {"max_mean_kld": 1.0}, "latency": {"min_decode_speedup": 0.5},
+                       "bench": {"prompt_tokens": 4000}}, "t")  # the tiny model's context is 256 tokens
+    run = lowbit.gate(spec, fp, fp, quick=True)
+    row = next(r for r in run["gate"]["criteria"] if r["name"] == "decode tokens/s speedup")
+    assert row["passed"] is False and "could not run" in row["detail"] and "context" in row["detail"]
+    assert not run["gate"]["passed"]
+
+
 @pytest.mark.parametrize("data, word", [
     ({"quality": {"max_kld": 1}}, "quality.max_kld"),
     ({"qualty": {}}, "unknown section 'qualty'"),

@@ -67,8 +67,12 @@ def run(baseline, candidate, quick: bool = False, n: int | None = None) -> Suite
     prompts = [_encode(tok, t["prompt"]) for t in todo]
     scored = {}
     outputs = {}
+    from lowbit.eval.basecache import cached
+
     for who, m in (("baseline", baseline), ("candidate", candidate)):
-        outputs[who] = greedy_batch(m.module, tok, prompts, MAX_NEW_TOKENS)
+        gen = lambda m=m: greedy_batch(m.module, tok, prompts, MAX_NEW_TOKENS)  # noqa: E731
+        outputs[who] = (cached("json_tasks", m, {"prompts": [p.tolist() for p in prompts], "max_new": MAX_NEW_TOKENS},
+                               gen) if who == "baseline" else gen())
         scored[who] = [score(o, t) for o, t in zip(outputs[who], todo)]
 
     def pct(who: str, key: str) -> float:

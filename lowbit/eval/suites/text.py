@@ -16,7 +16,19 @@ import torch
 
 from lowbit.data.corpora import common_words, python_docs, wikipedia_text
 from lowbit.eval import metrics
+from lowbit.eval.basecache import cached
 from lowbit.eval.types import Case, SuiteResult
+
+TOPK = 256  # the baseline's log-probs are kept on its top 256 tokens plus one tail bucket (as divergence does)
+
+
+def _digest(texts: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "replace") + b"\0")
+    return h.hexdigest()[:24]
 
 
 def general(div: dict) -> SuiteResult:
@@ -63,17 +75,27 @@ def jargon(baseline, candidate, quick: bool = False, n: int = 8, seq_len: int = 
     stats = {k: {"baseline": [0, 0], "candidate": [0, 0]} for k in ("jargon", "common")}  # [correct, total]
     kld_sum = {"jargon": 0.0, "common": 0.0}
     rows = []
-    for name, text in docs:
-        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True, max_length=seq_len)
+    encs = [tok(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True, max_length=seq_len)
+            for _, text in docs]
+
+    def base_side():  # the baseline's top-k log-probs per document (cached between runs: basecache)
+        out = []
+        for enc in encs:
+            lp, idx = metrics.topk_logprobs(baseline.module(torch.tensor([enc["input_ids"]])).logits[0, :-1], TOPK)
+            out.append({"lp": lp, "idx": idx})
+        return out
+
+    bside = cached("jargon", baseline, {"docs": _digest([t for _, t in docs]), "seq_len": seq_len, "topk": TOPK},
+                   base_side)
+    for (name, text), enc, b in zip(docs, encs, bside):
         ids = torch.tensor(enc["input_ids"])
         mask = jargon_mask(text, enc["offset_mapping"], vocab)[1:]  # class of each predicted token
-        lb = baseline.module(ids[None]).logits[0, :-1]
         lc = candidate.module(ids[None]).logits[0, :-1]
-        k = metrics.kld(lb, lc)
+        k = metrics.kld_topk(b["lp"].float(), b["idx"], lc)
         target = ids[1:]
         row = {"name": name, "text": text[:300]}
-        for who, logits in (("baseline", lb), ("candidate", lc)):
-            correct = logits.argmax(-1) == target
+        for who, top1 in (("baseline", b["idx"][:, 0].long()), ("candidate", lc.argmax(-1))):
+            correct = top1 == target
             for cls, m in (("jargon", mask), ("common", ~mask)):
                 stats[cls][who][0] += correct[m].sum().item()
                 stats[cls][who][1] += m.sum().item()
@@ -143,9 +165,17 @@ def long_context(baseline, candidate, quick: bool = False, context: int | None =
     length = context_length(baseline.module, context, quick)
     ids = tok(wikipedia_text(), return_tensors="pt", add_special_tokens=False).input_ids[0][:length]
     length = ids.numel()
-    nll = {}
-    for who, loaded in (("baseline", baseline), ("candidate", candidate)):
-        nll[who] = metrics.nll(loaded.module(ids[None]).logits[0, :-1], ids[1:])  # (length-1,)
+    n_needles = 1 if quick else needles
+    planted = _needles(tok, ids, length, n_needles)
+
+    def side(loaded) -> dict:
+        return {"nll": metrics.nll(loaded.module(ids[None]).logits[0, :-1], ids[1:]),  # (length-1,)
+                "needles": [list(_retrieves(loaded.module, tok, n_ids, code)) for n_ids, code, _ in planted]}
+
+    base_side = cached("long_context", baseline, {"ids": _digest([str(ids.tolist())]), "needles": n_needles},
+                       lambda: side(baseline))
+    sides = {"baseline": base_side, "candidate": side(candidate)}
+    nll = {who: s["nll"] for who, s in sides.items()}
     pos = torch.arange(1, length)  # position of each predicted token
     m: dict[str, dict[str, float]] = {}
     edges = [b for b in BUCKETS if b < length] + [length]
@@ -158,14 +188,13 @@ def long_context(baseline, candidate, quick: bool = False, context: int | None =
     m["ppl_all"] = {who: metrics.perplexity_from_nll(nll[who].sum().item(), length - 1) for who in nll}
     hits = {"baseline": 0, "candidate": 0}
     worst = []
-    for n_ids, code, depth in _needles(tok, ids, length, 1 if quick else needles):
-        got = {who: _retrieves(loaded.module, tok, n_ids, code) for who, loaded in (("baseline", baseline), ("candidate", candidate))}
+    for i, (n_ids, code, depth) in enumerate(planted):
+        got = {who: tuple(s["needles"][i]) for who, s in sides.items()}
         for who in hits:
             hits[who] += got[who][0]
         if got["baseline"][0] and not got["candidate"][0]:
             worst.append(Case(f"needle@{depth:.0%}", f"code {code} planted at {depth:.0%} of {n_ids.numel()} tokens",
                               got["baseline"][1], got["candidate"][1], 1.0))
-    n_needles = 1 if quick else needles
     m["needle_pct"] = {who: 100 * hits[who] / n_needles for who in hits}
     return SuiteResult(
         name="long_context", metric=last, baseline=m[last]["baseline"], candidate=m[last]["candidate"],
