@@ -83,8 +83,8 @@ MAX_FILE_CHARS = 4096  # the user suite's path
 
 DEFAULT_SPEC = """\
 # lowbit's default gate: close to the FP32 model on text, its tails, rare terms, long context and
-# tool calls, and at least half the weight memory. Latency is left out: pass a spec with a
-# latency section to gate on speed.
+# JSON structure; no slower than the baseline; at least half the weight memory and a quarter of the
+# process's memory. docs/gate.md says where each threshold comes from (benchmarks/gate_guard.py).
 quality:
   max_ppl_increase_pct: 2.0
   max_mean_kld: 0.02
@@ -95,7 +95,10 @@ quality:
     jargon: {max_acc_drop: 2.0}
     long_context: {max_ppl_increase_pct: 3.0, max_needle_drop: 0}
     json: {max_valid_drop: 10}
-memory: {reduction_pct: 50}
+    structured: {max_kld: 0.02, max_top1_loss_pct: 3.0, max_nll_increase: 0.05}
+    json_tasks: {max_valid_drop: 13, max_correct_drop: 13}
+latency: {p95_improvement_pct: 0, min_decode_speedup: 1.0}
+memory: {reduction_pct: 50, rss_reduction_pct: 25}
 """
 
 
