@@ -72,7 +72,8 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace --out if it already exists."),
     method: Optional[str] = typer.Option(None, "--method",
         help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, awq-gptq (AWQ scales, then GPTQ rounding), "
-             "or smoothquant (W8A8 recipes). "
+             "smoothquant (W8A8 recipes), or learned (rounding offsets and group ranges learned block by block "
+             "against the float block's outputs; --learn-steps). "
              "Default: the recipe's algorithm, or gptq when --calib is given."),
     calib: Optional[str] = typer.Option(None, "--calib",
         help="Calibration prompts: a .txt file, a .jsonl file (a 'text' field or chat 'messages'), or a built-in "
@@ -82,6 +83,7 @@ def quantize(
     damp: float = typer.Option(0.01, "--damp", min=0.0, help="GPTQ dampening: fraction of mean(diag H) added to H."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: quantize important columns first."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="SmoothQuant migration strength."),
+    learn_steps: int = typer.Option(200, "--learn-steps", min=1, max=100_000, help="--method learned: signSGD steps per block."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 
@@ -100,7 +102,7 @@ def quantize(
         rec = replace(rec, algorithm="rtn")
     elif method or calib or rec.algorithm != "rtn":
         cfg = CalibConfig(method=method, data=calib or "mix", samples=samples, seq_len=seq_len, damp=damp,
-                          act_order=act_order, alpha=alpha)
+                          act_order=act_order, alpha=alpha, learn_steps=learn_steps)
     method = method_for(rec, cfg)
     _quiet_transformers()
     t0 = time.perf_counter()

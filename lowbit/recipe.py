@@ -29,7 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.spec import QuantSpec
 
 RECIPE_VERSION = 1
-ALGORITHMS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant")  # all but rtn need calibration (lowbit.calib)
+ALGORITHMS = ("rtn", "rtn-mse", "gptq", "awq", "awq-gptq", "smoothquant", "learned")  # all but rtn need calibration (lowbit.calib)
 GROUP_FALLBACKS = ("error", "shrink")
 KEEP_DTYPES = ("float16", "bfloat16", "float32")
 KV_CACHES = ("none", "int8", "fp8")

@@ -29,7 +29,7 @@ DEFAULT_CALIB = "mix"
 class CalibConfig(CalibOptions):
     """How to calibrate: the method, the prompts and the algorithms' settings (CalibOptions' fields)."""
 
-    method: str | None = None  # rtn, rtn-mse, gptq, awq, awq-gptq, smoothquant; None: see method_for
+    method: str | None = None  # rtn, rtn-mse, gptq, awq, awq-gptq, smoothquant, learned; None: see method_for
     data: str | Path | tuple | list | CalibData = DEFAULT_CALIB  # a .txt/.jsonl file, a built-in set, or texts
     samples: int = 128  # calibration windows
     seq_len: int = 512  # tokens per window

@@ -53,6 +53,9 @@ class CalibOptions:
     grid: int = 20  # AWQ scale grid and clipping grid
     awq_tokens: int = 4096  # AWQ: activation rows kept per Linear for the searches
     clip_tokens: int = 512  # AWQ clipping search: rows of those used
+    learn_steps: int = 200  # learned rounding: signSGD steps per block
+    learn_lr: float | None = None  # learned rounding: None: 1 / learn_steps
+    learn_batch: int = 4  # learned rounding: calibration windows per step
     device: str | None = None  # None: CUDA when present, else CPU
 
 
@@ -215,7 +218,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
     record = {"method": method, "options": asdict(options), "data": {"source": data.source, **data.stats},
               "device": str(loop.device), "seconds": round(time.perf_counter() - t0, 1),
               "rtn_fallbacks": loop.records["fallbacks"],
-              **({"awq_ratios": loop.records["awq_ratios"]} if loop.records["awq_ratios"] else {})}
+              **({"awq_ratios": loop.records["awq_ratios"]} if loop.records["awq_ratios"] else {}),
+              **({"learned_blocks": loop.records["learned"]} if loop.records["learned"] else {})}
     return Calibrated(loop.plans, replace(recipe, algorithm=method), loop.imatrix, record)
 
 
@@ -238,7 +242,7 @@ class _BlockLoop:
         # The loop runs the decoder only: read what it needs now, the head and the rest after the blocks.
         decoder_prefix = self.prefix.rpartition(".")[0] + "." if "." in self.prefix else ""
         self.early = [n for n in self.names if n not in self.block_names and n.startswith(decoder_prefix)]
-        self.records = {"fallbacks": [], "awq_ratios": {}}
+        self.records = {"fallbacks": [], "awq_ratios": {}, "learned": {}}
         self.imatrix: dict[str, torch.Tensor] = {}
         self.maps = mappings_for(getattr(model.config, "model_type", ""), method) if method in (*AWQ_SCALES, "smoothquant") else ()
         # plain RTN with weight-only activations needs no statistics: skip both passes
@@ -284,12 +288,27 @@ class _BlockLoop:
             if self.maps:
                 _fold_scales(layer, self.maps, linears, stats, by_name, bprefix, method, options, self.records)
             qlins = {}
+            learned_qt: dict = {}
+            if method == "learned":
+                from lowbit.calib import learned
+
+                if progress:
+                    progress(f"block {bi}: learning the rounding ({options.learn_steps} steps)", bi, self.n_blocks)
+                specs = {n: by_name[bprefix + n].spec for n in linears}
+                with torch.enable_grad():
+                    learned_qt, rec = learned.learn_block(
+                        layer, linears, specs, xs, kwargs, device,
+                        learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch))
+                self.records["learned"][bi] = rec
+                if not rec["kept"]:
+                    self.records["fallbacks"] += [bprefix + n for n in linears]
             for n, m in linears.items():
                 if progress:
                     progress(f"block {bi}: {n}", bi, self.n_blocks)
                 spec = by_name[bprefix + n].spec
                 last = not any(stats[o] is stats[n] for o in list(linears)[list(linears).index(n) + 1:])
-                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, self.records, consume=last)
+                qlins[n] = _quantize_linear(bprefix + n, m, spec, stats[n], method, options, self.records, consume=last,
+                                            given=learned_qt.get(n))
                 if forward:
                     self.imatrix[bprefix + n] = stats[n].importance().cpu()
                 if last:
@@ -451,11 +470,14 @@ def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options,
 
 
 def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, method: str,
-                     options: CalibOptions, records: dict, consume: bool = False) -> QLinear:
-    """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place."""
+                     options: CalibOptions, records: dict, consume: bool = False, given=None) -> QLinear:
+    """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place. given: the
+    QTensor a block-level method (learned rounding) already made."""
     w = m.weight.detach()
-    qt = None
-    if method in GPTQ_ROUNDING:
+    qt = given
+    if qt is not None:
+        pass
+    elif method in GPTQ_ROUNDING:
         try:
             qt = gptq.gptq_quantize(w, st.H.full(), spec, options.block_size, options.damp, options.act_order, st.factors,
                                     consume)

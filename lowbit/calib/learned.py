@@ -1,0 +1,177 @@
+"""Learned rounding, block by block (`--method learned`; after AutoRound's signed-gradient rounding and
+EfficientQAT's block-wise training of the quantization parameters).
+
+Round-to-nearest picks each weight's code alone. Here, for every quantized Linear of a decoder block,
+a rounding offset V per weight (in [-0.5, 0.5]: up or down from nearest) and a shrink factor for the
+minimum and the maximum of every group's range (in [MIN_SHRINK, 1]) are learned so that the block's
+output on the calibration activations matches the float block's:
+
+    q     = clamp(round(w / s + V) + z, qmin, qmax)          s, z from the group's shrunk [min, max]
+    loss  = mean((block_q(x) - block_float(x))**2)
+
+The rounding is made differentiable by the straight-through estimator (round's gradient taken as 1),
+and the parameters move by the sign of their gradient (signSGD, learning rate decayed linearly to
+zero), a few hundred steps per block on mini-batches of the calibration windows. Then the weights are
+rounded once, in the format's exact storage (the same codes, scales and zero points as any other
+method: same artifact, same kernels), and the quantized block's outputs become the next block's
+inputs, as GPTQ does. The result is kept only if its loss on held-back windows is below round to
+nearest's (else that Linear set falls back to RTN, recorded).
+
+Memory: the block's float outputs on the calibration windows (as large as its inputs, which the loop
+already holds) and one copy of the block's weights' parameters: bounded like the other methods.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.formats import affine
+from lowbit.formats.qtensor import QTensor, int_qtensor
+from lowbit.formats.spec import QuantSpec
+
+MIN_SHRINK = 0.5
+
+
+@dataclass
+class LearnOptions:
+    steps: int = 200  # signSGD steps per block
+    lr: float | None = None  # None: 1 / steps (AutoRound's default)
+    batch: int = 4  # calibration windows per step
+    seed: int = 0
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class _Rounding:
+    """One Linear's learnable rounding: offsets V, range shrink factors, and the fake-quantized weight."""
+
+    def __init__(self, w: torch.Tensor, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.w = w.detach().float()
+        self.g = affine.as_groups(self.w, spec)  # (rows, n_groups, gs)
+        self.lo0, self.hi0 = self.g.amin(-1), self.g.amax(-1)
+        self.qmin, self.qmax = affine.qrange(spec.bits, spec.symmetric)
+        self.V = torch.zeros_like(self.g, requires_grad=True)
+        self.a_lo = torch.ones_like(self.lo0, requires_grad=True)
+        self.a_hi = torch.ones_like(self.hi0, requires_grad=True)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.V, self.a_lo, self.a_hi]
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.V.clamp_(-0.5, 0.5)
+            self.a_lo.clamp_(MIN_SHRINK, 1.0)
+            self.a_hi.clamp_(MIN_SHRINK, 1.0)
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo0 * self.a_lo, self.hi0 * self.a_hi
+
+    def weight(self) -> torch.Tensor:
+        """The fake-quantized weight (rows, cols), differentiable in V and the range factors."""
+        lo, hi = self._range()
+        spec, qmin, qmax, g, V = self.spec, self.qmin, self.qmax, self.g, self.V
+        tiny = 1e-10
+        if spec.symmetric:
+            s = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp(min=tiny).unsqueeze(-1)
+            out = torch.clamp(_round_ste(g / s + V), qmin, qmax) * s
+        elif spec.zero_domain == "float":
+            s = ((hi - lo) / qmax).clamp(min=tiny).unsqueeze(-1)
+            m = lo.unsqueeze(-1)
+            out = torch.clamp(_round_ste((g - m) / s + V), qmin, qmax) * s + m
+        else:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+            s = ((hi - lo) / qmax).clamp(min=tiny).unsqueeze(-1)
+            z = torch.clamp(_round_ste(-lo.unsqueeze(-1) / s), qmin, qmax)
+            out = (torch.clamp(_round_ste(g / s + V) + z, qmin, qmax) - z) * s
+        return out.reshape(self.w.shape)
+
+    def qtensor(self, learned: bool = True) -> QTensor:
+        """The stored form: scales and zero points from the learned range in their storage dtype, and
+        codes round(w / s + V) (learned=False: round to nearest on the full range)."""
+        with torch.no_grad():
+            lo, hi = self._range() if learned else (self.lo0, self.hi0)
+            scale, zero = affine.qparams_from_range(lo, hi, self.spec)
+            x = self.g
+            if learned:  # w + V * s: quantize() then computes round(w / s + V) (+ z) in the format's own rule
+                x = self.g + self.V * scale.float().unsqueeze(-1)
+            codes = affine.quantize(x.reshape(self.w.shape), scale, zero, self.spec)
+            return int_qtensor(self.spec, codes, scale, zero)
+
+
+def _patch(m: nn.Linear, r: _Rounding) -> None:
+    def forward(self, x):
+        return F.linear(x, r.weight().to(x.dtype), self.bias)
+
+    m.forward = types.MethodType(forward, m)
+
+
+def _unpatch(m: nn.Linear) -> None:
+    m.__dict__.pop("forward", None)
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _loss(layer, xs, ys, kwargs, device, idx) -> torch.Tensor:
+    total = 0.0
+    for i in idx:
+        y = _block_out(layer(xs[i].to(device), **kwargs))
+        total = total + F.mse_loss(y.float(), ys[i].to(device).float())
+    return total / len(idx)
+
+
+def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec], xs: list[torch.Tensor],
+                kwargs: dict, device, options: LearnOptions, say=None) -> tuple[dict[str, QTensor], dict]:
+    """Learn the rounding of `linears` (name -> Linear of `layer`) against the float block's outputs on
+    xs; returns (name -> QTensor in the format's storage, a record of losses and time)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ys = [_block_out(layer(x.to(device), **kwargs)).to("cpu") for x in xs]
+    rng = torch.Generator().manual_seed(options.seed)
+    n = len(xs)
+    held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]  # held back to judge the result
+    train = [i for i in range(n) if i not in held] or held
+    roundings = {name: _Rounding(m.weight, specs[name]) for name, m in linears.items()}
+    for name, m in linears.items():
+        m.weight.requires_grad_(False)
+        _patch(m, roundings[name])
+    params = [p for r in roundings.values() for p in r.params()]
+    lr0 = options.lr if options.lr is not None else 1.0 / max(options.steps, 1)
+    try:
+        with torch.no_grad():
+            loss_rtn = float(_loss(layer, xs, ys, kwargs, device, held))  # V = 0, full range: nearest rounding
+        with torch.enable_grad():
+            for step in range(options.steps):
+                batch = torch.randperm(len(train), generator=rng)[: options.batch].tolist()
+                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch])
+                for p in params:
+                    p.grad = None
+                loss.backward()
+                lr = lr0 * (1 - step / max(options.steps, 1))
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.sub_(lr * p.grad.sign())
+                for r in roundings.values():
+                    r.clamp_()
+        with torch.no_grad():
+            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held))
+    finally:
+        for m in linears.values():
+            _unpatch(m)
+    keep = math.isfinite(loss_learned) and loss_learned <= loss_rtn
+    out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
+    record = {"loss_rtn": loss_rtn, "loss_learned": loss_learned, "kept": keep, "steps": options.steps,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    return out, record

@@ -1,0 +1,70 @@
+"""Learned rounding (--method learned): lower block loss than round-to-nearest, the same storage as
+every other method (what was learned is exactly what is stored), streamed from disk as the others."""
+
+from __future__ import annotations
+
+import torch
+
+import lowbit
+from lowbit.calib import CalibConfig, CalibOptions, load_calibration
+from lowbit.calib import learned
+from lowbit.formats.qtensor import dequantize_tensor
+from lowbit.formats.spec import QuantSpec
+from tests.calib.test_sequential import TEXTS, W4, in_memory, same_state, streamed_from
+from tests.conftest import make_tiny_llama, make_tokenizer
+
+FAST = CalibOptions(learn_steps=30, learn_batch=2)
+
+
+def test_the_stored_weight_is_the_learned_weight():
+    """After learning, the fake-quantized weight the loss saw and the stored QTensor dequantize to the same
+    values (up to the scales' float16 storage), for the three integer zero domains."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    for spec in (QuantSpec(kind="int", bits=4, granularity="group", group_size=32),
+                 QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False),
+                 QuantSpec(kind="int", bits=3, granularity="group", group_size=32, symmetric=False,
+                           zero_domain="float", scale_dtype="float32")):
+        r = learned._Rounding(w, spec)
+        with torch.no_grad():
+            r.V.uniform_(-0.5, 0.5)
+            r.a_lo.uniform_(0.6, 1.0)
+            r.a_hi.uniform_(0.6, 1.0)
+        fake = r.weight().detach()
+        stored = dequantize_tensor(r.qtensor(), torch.float32)
+        step = (w.abs().amax() / 3).item()
+        assert (fake - stored).abs().max() < 0.02 * step, spec.label
+        # V = 0 and the full range is round to nearest exactly
+        assert torch.equal(r.qtensor(learned=False).tensors["qdata"], lowbit.formats.quantize_tensor(w, spec).tensors["qdata"])
+
+
+def test_learned_rounding_lowers_the_block_loss_and_saves_as_any_artifact(tmp_path):
+    data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
+    q = in_memory(W4, "learned", data, FAST)
+    blocks = q.calibration["learned_blocks"]
+    assert len(blocks) == 2 and all(b["loss_learned"] < b["loss_rtn"] for b in blocks.values())
+    assert q.calibration["method"] == "learned" and q.recipe.algorithm == "learned"
+    ref, rtn = make_tiny_llama(), in_memory(W4, "rtn", data)
+    with torch.no_grad():
+        err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item() for k, m in (("learned", q), ("rtn", rtn))}
+    assert err["learned"] < err["rtn"], err
+    lowbit.save(q, tmp_path / "art")
+    back = lowbit.load(str(tmp_path / "art"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(data.ids).logits, q(data.ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_from_disk_equals_in_memory(tiny_dir):
+    streamed = streamed_from(tiny_dir, W4, "learned", options=FAST)
+    in_mem = in_memory(W4, "learned", load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48), FAST)
+    assert same_state(streamed.module, in_mem.module)
+
+
+def test_method_learned_needs_an_integer_recipe():
+    import pytest
+
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="integer schemes"):
+        lowbit.quantize(make_tiny_llama(), "nf4", tokenizer=make_tokenizer(),
+                        calib=CalibConfig(method="learned", data=TEXTS, samples=2, seq_len=48))
