@@ -604,6 +604,10 @@ def qat(
     seq_len: int = typer.Option(256, "--seq-len", min=8, help="Tokens per window."),
     samples: int = typer.Option(256, "--samples", min=1, help="Windows read from --data."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Steps between checkpoints (OUT.qat-state/)."),
+    lora: int = typer.Option(0, "--lora", min=0, max=4096, help="Train rank-R adapters (peft) on the frozen quantized "
+                             "base instead of every weight; they are merged and requantized at the end."),
+    merge_tolerance: float = typer.Option(0.02, "--merge-tolerance", help="--lora: the largest mean KLD allowed "
+                                          "between the trained model and its merged, requantized artifact."),
     spec: Optional[str] = typer.Option(None, "--spec", help="Gate both PTQ (round to nearest) and QAT with this spec "
                                        "('default' or a YAML file); without it, an evaluation of both."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
@@ -623,7 +627,7 @@ def qat(
 
         sp = load_spec(spec)  # a bad spec fails before training
     cfg = qat_mod.QATConfig(steps=steps, lr=lr, batch=batch, seq_len=seq_len, data=data, samples=samples,
-                            checkpoint_every=checkpoint_every).check()
+                            checkpoint_every=checkpoint_every, lora_rank=lora, merge_tolerance=merge_tolerance).check()
     _quiet_transformers()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
@@ -635,8 +639,9 @@ def qat(
         res = qat_mod.train(baseline, recipe, out_dir, cfg, force=force, progress=progress, say=_say)
     kl = f"KL {res.losses[0]:.4f} -> {res.losses[-1]:.4f}" if res.losses else "no step run"
     mem = f"; peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB" if res.peak_rss_bytes else ""
+    merged = f"; merged adapters changed the outputs by a mean KLD of {res.merge_kld:.4f}" if res.merge_kld is not None else ""
     out.print(f"trained {res.steps} steps in {res.seconds / 60:.1f} min (resumed from step {res.resumed_from}); "
-              f"{kl}{mem}; saved to {res.out}")
+              f"{kl}{mem}{merged}; saved to {res.out}")
     _say("PTQ (round to nearest, same recipe) vs QAT against the baseline")
     base = api.load(baseline)
     ptq = api.quantize(api.load(baseline), recipe)

@@ -52,21 +52,28 @@ class QATConfig:
     samples: int = 256  # windows read from the data
     checkpoint_every: int = 50
     seed: int = 0
+    lora_rank: int = 0  # 0: train every block weight; r > 0: rank-r adapters on the frozen quantized base (peft)
+    merge_tolerance: float = 0.02  # LoRA: the largest mean KLD allowed between the trained model and its merged,
+    # requantized artifact on the check windows
     extra: dict = field(default_factory=dict)
 
     def check(self) -> "QATConfig":
         for name, lo, hi in (("steps", 1, 1_000_000), ("batch", 1, 1024), ("seq_len", 8, 131_072),
-                             ("samples", 1, 1_000_000), ("checkpoint_every", 1, 1_000_000)):
+                             ("samples", 1, 1_000_000), ("checkpoint_every", 1, 1_000_000), ("lora_rank", 0, 4096)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise LowbitError(f"qat --{name.replace('_', '-')}: {v!r} is out of range; fix: a whole number "
                                   f"from {lo} to {hi:,}")
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
             raise LowbitError(f"qat --lr: {self.lr!r}; fix: a number above 0 and at most 1 (e.g. 1e-5)")
+        if not isinstance(self.merge_tolerance, (int, float)) or not math.isfinite(self.merge_tolerance) \
+                or self.merge_tolerance < 0:
+            raise LowbitError(f"qat --merge-tolerance: {self.merge_tolerance!r}; fix: a mean KLD of 0 or more (e.g. 0.02)")
         return self
 
     def fingerprint(self, baseline: str, recipe: dict) -> str:
-        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "checkpoint_every"}
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+             if k not in ("checkpoint_every", "merge_tolerance")}
         blob = json.dumps({"cfg": d, "baseline": baseline, "recipe": recipe}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -80,6 +87,7 @@ class QATResult:
     losses: list[float]
     seconds: float
     peak_rss_bytes: int | None
+    merge_kld: float | None = None  # LoRA: mean KLD of the merged, requantized artifact to the trained model
 
 
 def _fake_quant(w: torch.Tensor, spec) -> torch.Tensor:
@@ -168,10 +176,23 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
     for p in student.module.parameters():
         p.requires_grad_(False)
     mods = trainable(student.module, recipe)
+    lora = config.lora_rank > 0
     for m, spec in mods.values():
-        m.weight.requires_grad_(True)
+        if lora:  # the frozen base is the quantized model itself: its weights on the grid
+            with torch.no_grad():
+                m.weight.copy_(_fake_quant(m.weight, spec))
+        else:
+            m.weight.requires_grad_(True)
         _patch(m, spec)
-    params = [m.weight for m, _ in mods.values()]
+    net = student.module
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(student.module, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank,
+                                                        target_modules=list(mods), lora_dropout=0.0, bias="none"))
+    named = ({n: p for n, p in net.named_parameters() if p.requires_grad} if lora
+             else {n: m.weight for n, (m, _) in mods.items()})
+    params = list(named.values())
     opt = torch.optim.Adam(params, lr=config.lr)
     state_dir = out.with_name(out.name + ".qat-state")
     fp = config.fingerprint(str(teacher.source.get("sha256") or teacher.name), recipe.to_dict())
@@ -183,8 +204,8 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
             raise LowbitError(f"qat: {state_dir} holds the state of a run with other settings; fix: the same settings "
                               f"to resume, or remove the folder to start again")
         with torch.no_grad():
-            for name, (m, _) in mods.items():
-                m.weight.copy_(st["weights"][name])
+            for name, p in named.items():
+                p.copy_(st["weights"][name])
         opt.load_state_dict(st["optimizer"])
         start, losses = st["step"], st["losses"]
         say(f"resuming from step {start} ({state_dir})")
@@ -200,7 +221,7 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
     def checkpoint(step: int) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         _atomic_save({"fingerprint": fp, "step": step, "losses": losses, "optimizer": opt.state_dict(),
-                      "weights": {n: m.weight.detach().clone() for n, (m, _) in mods.items()}}, state_file)
+                      "weights": {n: p.detach().clone() for n, p in named.items()}}, state_file)
 
     step = start
     try:
@@ -208,11 +229,11 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
             ids = batch_at(step)
             with torch.no_grad():
                 t_lp = teacher.module(ids).logits.float().log_softmax(-1)
-            s_lp = student.module(ids).logits.float().log_softmax(-1)
+            s_lp = net(input_ids=ids).logits.float().log_softmax(-1)
             loss = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
             if not torch.isfinite(loss.detach()):
                 last = torch.load(state_file, weights_only=False)["step"] if state_file.is_file() else 0
-                raise LowbitError(f"qat: the loss is {float(loss)} at step {step + 1}; training stopped. The last good "
+                raise LowbitError(f"qat: the loss is {float(loss.detach())} at step {step + 1}; training stopped. The last good "
                                   f"checkpoint (step {last}) is kept in {state_dir}; fix: a smaller --lr (now "
                                   f"{config.lr:g}), then run again to resume")
             for g in opt.param_groups:
@@ -225,6 +246,13 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
                 progress(step + 1, config.steps, losses[-1])
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 checkpoint(step + 1)
+        merge_kld = None
+        if lora:  # merge the adapters into the quantized base, requantize, and check what that changed
+            checkpoint(len(losses))  # a merge refused below can be retried with another tolerance, no retraining
+            check = windows[order[: min(4, windows.shape[0])]]
+            with torch.no_grad():
+                ref = net(input_ids=check).logits.float().log_softmax(-1)
+            net = net.merge_and_unload()
     except KeyboardInterrupt:
         checkpoint(len(losses))
         say(f"interrupted: the state after step {len(losses)} is saved in {state_dir}; the same command resumes")
@@ -235,14 +263,27 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
             m.weight.requires_grad_(False)
     peak = _rss()
     say("quantizing the trained weights")
+    if lora:
+        student.module = net
     q = api.quantize(student, recipe)
+    if lora:
+        with torch.no_grad():
+            got = q.module(check).logits.float().log_softmax(-1)
+        merge_kld = float((ref.exp() * (ref - got)).sum(-1).mean())
+        if not merge_kld <= config.merge_tolerance:
+            raise LowbitError(f"qat --lora: merging the adapters and requantizing changed the outputs by a mean KLD of "
+                              f"{merge_kld:.4f}, above --merge-tolerance {config.merge_tolerance:g}; nothing was "
+                              f"written to {out}. The trained adapters are kept in {state_dir}. Fix: accept it "
+                              f"(rerun with a higher --merge-tolerance: no retraining), or train every weight "
+                              f"(without --lora), whose result needs no merge")
     q.calibration = {"method": "qat", "steps": config.steps, "lr": config.lr, "batch": config.batch,
                      "data": {"source": data.source, **data.stats}, "loss_first": losses[0] if losses else None,
                      "loss_last": losses[-1] if losses else None, "resumed_from": start,
+                     **({"lora_rank": config.lora_rank, "merge_kld": merge_kld} if lora else {}),
                      "seconds": round(time.perf_counter() - t0, 1)}
     api.save(q, out, force=force)
     shutil.rmtree(state_dir, ignore_errors=True)
-    return QATResult(q, out, config.steps, start, losses, time.perf_counter() - t0, peak)
+    return QATResult(q, out, config.steps, start, losses, time.perf_counter() - t0, peak, merge_kld)
 
 
 def compare(baseline, ptq, qat, spec=None, quick: bool = True) -> dict:

@@ -108,3 +108,20 @@ def test_a_quantized_baseline_and_an_existing_out_are_refused(tmp_path):
         q = lowbit.quantize(_base(), "int8")
     with pytest.raises(LowbitError, match="full-precision"):
         qat.train(q, "w4-g32", tmp_path / "r", _cfg())
+
+
+def test_lora_adapters_on_the_frozen_quantized_base_merge_within_the_tolerance(tmp_path):
+    base = _base()
+    cfg = _cfg(lora_rank=8, lr=2e-3, merge_tolerance=0.0)
+    with pytest.raises(LowbitError, match=r"mean KLD of .* above --merge-tolerance 0.*adapters are kept"):
+        qat.train(base, "w4-g32", tmp_path / "q", cfg)
+    assert not (tmp_path / "q").exists() and (tmp_path / "q.qat-state" / "state.pt").is_file()
+    # a looser tolerance: the same adapters merged again, no retraining
+    res = qat.train(base, "w4-g32", tmp_path / "q", _cfg(lora_rank=8, lr=2e-3, merge_tolerance=0.05))
+    assert res.resumed_from == 24 and 0 < res.merge_kld <= 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ptq = lowbit.quantize(_base(), "w4-g32")
+    ids = torch.tensor([make_tokenizer()(TEXTS[0])["input_ids"][:64]])
+    assert _kld(base, res.model, ids) < _kld(base, ptq, ids)
+    assert lowbit.load(str(tmp_path / "q")).calibration["lora_rank"] == 8
