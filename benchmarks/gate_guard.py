@@ -50,7 +50,7 @@ COLUMNS = [("mean KLD", "mean KLD"), ("p99 KLD", "p99 token KLD"), ("worst sampl
            ("weights -%", "weight memory reduction %"), ("process -%", "process memory reduction %")]
 
 
-def candidates(model: str, seeds: int):
+def candidates(model: str, seeds: int, layer: str = LAYER):
     import lowbit
     from lowbit.calib import CalibConfig
     from lowbit.calib.data import builtin_texts
@@ -75,8 +75,8 @@ def candidates(model: str, seeds: int):
 
     out.append(("reference", "INT8 RTN (what the damage is planted on)", "-", int8))
     for bits in (4, 3, 2):
-        out.append(("planted", f"{LAYER} requantized", f"{bits} bits",
-                    lambda bits=bits: lowbit.quantize(lowbit.load(model), plant.crushed_layer_recipe("int8", LAYER, bits))))
+        out.append(("planted", f"{layer} requantized", f"{bits} bits",
+                    lambda bits=bits: lowbit.quantize(lowbit.load(model), plant.crushed_layer_recipe("int8", layer, bits))))
 
     def with_damage(fn):
         def make():
@@ -122,7 +122,7 @@ def measure(args) -> list[dict]:
     spec = load_spec("default")
     base = lowbit.load(args.model)
     rows = []
-    for group, what, strength, make in candidates(args.model, args.seeds):
+    for group, what, strength, make in candidates(args.model, args.seeds, args.layer):
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -200,6 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--layer", default=LAYER, help="the module the crushed-layer damage requantizes")
     ap.add_argument("--json", type=Path, help="store the runs here (and re-judge them later with --from-json)")
     ap.add_argument("--from-json", type=Path, help="judge stored runs again; measure nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")

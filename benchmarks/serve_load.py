@@ -32,9 +32,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
-import subprocess
 import statistics
 import sys
 import tempfile
@@ -204,16 +202,6 @@ def phase(name: str, cand, fb, cand_name, fb_name, args, shadow: bool, spec: str
     return res
 
 
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 PHASES = {  # name: (shadow, spec, fault, batched)
     "alone": (False, None, None, True), "shadow": (True, None, None, True),
     "fault": (True, "lenient", "raise", True), "stall": (True, "lenient", "stall", True),
@@ -222,6 +210,7 @@ PHASES = {  # name: (shadow, spec, fault, batched)
 
 def table(results: list[dict], args, cand_name: str, fb_name: str) -> str:
     from lowbit import native
+    from lowbit.native import cpu_name
 
     lines = [f"`benchmarks/serve_load.py --clients {args.clients} --requests {args.requests} --short-requests "
              f"{args.short_requests} --max-tokens {args.max_tokens}` on {cpu_name()} ({os.cpu_count()} cores, "
