@@ -1,0 +1,170 @@
+"""Learned rounding and QAT against post-training quantization, on the off-grid variants of the bundled
+models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
+
+    python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
+    python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 600]
+
+learned: RTN, GPTQ, AWQ and `--method learned` at each scheme on the same calibration windows (held-out
+Wikipedia articles), mean KLD and top-1 against the off-grid FP32 model on other Wikipedia windows,
+and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md.
+
+qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
+against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
+suites for RTN and QAT, wall time and the process's peak RSS (this part runs alone in its process).
+Section "qat-<model>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from benchmarks.presets import write_section  # noqa: E402
+
+
+def recipe(name: str):
+    """A preset, or wN-gG: N-bit asymmetric integers in groups of G (float16 scales)."""
+    from lowbit.recipe import PRESETS, Recipe, _int
+
+    if name in PRESETS:
+        return PRESETS[name]
+    bits, group = name[1:].split("-g")
+    return Recipe(name=name, scheme=_int(int(bits), "group", int(group), symmetric=False, scale_dtype="float16"),
+                  group_fallback="shrink", overrides=PRESETS["w4-g128"].overrides)
+
+
+def setup(args):
+    from offgrid import offgrid_path
+
+    from lowbit import api
+    from lowbit.calib.data import CalibData
+    from lowbit.data.corpora import wikipedia_articles
+    from lowbit.eval.divergence import make_samples
+
+    base = api.load(str(offgrid_path(args.model)))
+    arts = wikipedia_articles()
+    samples = make_samples(base.tokenizer, arts, 256, 16)
+    windows = [s.ids for s in make_samples(base.tokenizer, arts[len(arts) // 2:], 256, args.calib_windows)]
+    data = CalibData(torch.stack(windows), "Wikipedia (held-out articles)",
+                     {"samples": len(windows), "seq_len": 256, "tokens": len(windows) * 256})
+    return base, samples, data
+
+
+def kld(base, model, samples) -> dict:
+    from lowbit.eval.divergence import compare
+
+    d = compare(base.module, model.module, samples, None)
+    return {"kld": d["mean_kld"], "top1": d["top1"]}
+
+
+def fresh(base):
+    import copy
+
+    from lowbit.model.handle import Model
+
+    return Model(copy.deepcopy(base.module), base.tokenizer, dict(base.source), base.folder)
+
+
+def learned(args) -> str:
+    from lowbit import api
+    from lowbit.calib import CalibConfig
+    from lowbit.native import cpu_name
+
+    base, samples, data = setup(args)
+    rows = []
+    for scheme in args.schemes.split(","):
+        for method in ("rtn", "gptq", "awq", "learned"):
+            t0 = time.perf_counter()
+            calib = None if method == "rtn" else CalibConfig(method=method, data=data, samples=data.ids.shape[0],
+                                                             seq_len=256, learn_steps=args.steps)
+            q = api.quantize(fresh(base), recipe(scheme), calib=calib)
+            secs = time.perf_counter() - t0
+            r = kld(base, q, samples)
+            rows.append((scheme, method, r, secs))
+            print(scheme, method, r, f"{secs:.0f} s", flush=True)
+            del q
+    lines = ["## Learned rounding vs GPTQ and AWQ (off-grid model)", "",
+             f"`benchmarks/learned_qat.py learned --model {args.model} --schemes {args.schemes} --steps {args.steps}` on "
+             f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
+             f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
+             f"Wikipedia articles, mean KLD and top-1 against the F32 model on 16 x 256 other Wikipedia tokens. "
+             f"`learned`: {args.steps} signSGD steps per block, batch 4 windows.", "",
+             "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
+    for scheme, method, r, secs in rows:
+        g = next(x[2]["kld"] for x in rows if x[0] == scheme and x[1] == "gptq")
+        lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
+    return "\n".join(lines)
+
+
+def qat_part(args) -> str:
+    from lowbit import api, qat
+    from lowbit.calib import CalibConfig
+    from lowbit.benchmark.latency import max_rss_bytes
+    from lowbit.native import cpu_name
+
+    base, samples, data = setup(args)
+    rec = recipe(args.scheme)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = qat.train(base, rec, Path(tmp) / "q", qat.QATConfig(steps=args.qat_steps, lr=args.lr, batch=4,
+                                                                  seq_len=256, data="mix", samples=1024))
+        secs = time.perf_counter() - t0
+        peak = max_rss_bytes()
+        rtn = api.quantize(fresh(base), rec)
+        gptq = api.quantize(fresh(base), rec, calib=CalibConfig(method="gptq", data=data, samples=data.ids.shape[0],
+                                                                seq_len=256))
+        r = {"RTN": kld(base, rtn, samples), "GPTQ": kld(base, gptq, samples), "QAT": kld(base, res.model, samples)}
+        gates = {name: api.gate("default", base, m, quick=True) for name, m in (("RTN", rtn), ("QAT", res.model))}
+    recovered = 100 * (r["RTN"]["kld"] - r["QAT"]["kld"]) / r["RTN"]["kld"]
+    lines = [f"## QAT vs post-training quantization (off-grid {args.model}, {args.scheme})", "",
+             f"`benchmarks/learned_qat.py qat --model {args.model} --scheme {args.scheme} --qat-steps {args.qat_steps} "
+             f"--lr {args.lr:g}` on {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: `lowbit qat` "
+             f"({args.qat_steps} steps of 4 x 256 tokens of the built-in mix set, distillation from the off-grid F32 "
+             f"model) took {secs / 60:.1f} min; peak RSS of the process {peak / 2**30:.2f} GiB. Mean KLD and top-1 "
+             f"against the F32 model on 16 x 256 Wikipedia tokens.", "",
+             "| method | mean KLD | vs RTN | top-1 |", "|---|---|---|---|"]
+    for name, v in r.items():
+        lines.append(f"| {name} | {v['kld']:.4f} | {v['kld'] / r['RTN']['kld']:.2f}x | {v['top1']:.3f} |")
+    lines += ["", f"QAT recovered {recovered:.0f}% of RTN's KLD gap (goal: at least 40%, KLD_QAT <= 0.6 x KLD_RTN).", "",
+              "The quick default gate's suites, RTN -> QAT (candidate values):", ""]
+    for name in ("RTN", "QAT"):
+        rows = [f"{c['name']}: {c['value'] if c['value'] is None else round(c['value'], 4)}"
+                for c in gates[name]["gate"]["criteria"]]
+        lines.append(f"- {name} ({'PASS' if gates[name]['gate']['passed'] else 'FAIL'}): " + "; ".join(rows))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=("learned", "qat"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--schemes", default="w4-g128,w3-g128")
+    ap.add_argument("--scheme", default="w4-g128")
+    ap.add_argument("--steps", type=int, default=200, help="learned rounding: steps per block")
+    ap.add_argument("--qat-steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = ap.parse_args()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    body = learned(args) if args.part == "learned" else qat_part(args)
+    print(body)
+    write_section(args.out, f"{args.part}-{args.model}", body)
+
+
+if __name__ == "__main__":
+    main()
