@@ -717,7 +717,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOWBIT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 and /admin (401 otherwise); at least 8 characters."),
     min_logprob: Optional[str] = typer.Option(None, "--min-logprob", help="Send candidate answers whose mean token log-prob is below this (e.g. -2.5) to the fallback; 'auto' (needs --shadow) calibrates the floor from shadow pairs: the highest that sends at most 2% of good answers to the fallback, set only once it catches bad ones."),
     queue_size: int = typer.Option(16, "--queue-size", min=1, help="Requests waiting or running per model; beyond it 429 with Retry-After."),
-    max_batch: int = typer.Option(1, "--max-batch", min=1, max=64, help="Waiting requests a model decodes together (the lean loop's batch)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, max=64, help="Waiting requests a model decodes together (the lean loop's batch)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Torch/native threads per model worker; default half the CPUs."),
     max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", min=1, help="Longest prompt accepted, in tokens."),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", min=1, max=16384, help="The largest max_tokens a request may ask for."),

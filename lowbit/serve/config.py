@@ -32,7 +32,7 @@ class ServeConfig:
     candidate_name: str | None = None  # ids to pin one model; default: the folder / model name
     fallback_name: str | None = None
     queue_size: int = 16  # client requests waiting per model; beyond it: 429 with Retry-After
-    max_batch: int = 1  # client requests a model decodes together (the lean loop's batch); 1: one at a time
+    max_batch: int = 8  # client requests a model decodes together (the lean loop's batch); 1: one at a time
     threads: int | None = None  # torch / native threads per model worker; None: half the CPUs (at least 1)
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
