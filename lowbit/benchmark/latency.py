@@ -384,14 +384,22 @@ def peak_rss_subprocess(model_path: str | None, config: BenchConfig, text: str =
 
 def held_memory_pair(baseline: Model, candidate: Model, text: str, config: BenchConfig) -> dict:
     """process_memory of both models, their two fresh processes run side by side (memory does not depend
-    on timing): {"baseline": {...}, "candidate": {...}}. A model quantized in memory is rebuilt in its
-    process from the float model and its recipe; resident memory after the request is what counts then,
-    since the float weights were loaded on the way."""
-    procs = {}
-    for side, ld in (("baseline", baseline), ("candidate", candidate)):
-        path, recipe = rss_target(ld)
-        procs[side] = (path, *_rss_proc(path, config, text, recipe))
-    return {side: _rss_result(*p) for side, p in procs.items()}
+    on timing): {"baseline": {...}, "candidate": {...}}. A model quantized in memory is saved as an
+    artifact in a temporary folder first, and its process loads that, as a deployment would (rebuilding
+    it from the float model in the child would leave the float weights' pages with the allocator)."""
+    import tempfile
+
+    from lowbit.model.artifact import save_artifact
+
+    with tempfile.TemporaryDirectory(prefix="lowbit-rss-") as tmp:
+        procs = {}
+        for side, ld in (("baseline", baseline), ("candidate", candidate)):
+            if not ld.meta and ld.plan is not None and ld.recipe is not None and ld.tokenizer is not None:
+                path, recipe = str(save_artifact(ld, Path(tmp) / side)), None
+            else:
+                path, recipe = rss_target(ld)
+            procs[side] = (path, *_rss_proc(path, config, text, recipe))
+        return {side: _rss_result(*p) for side, p in procs.items()}
 
 
 def _rss_child() -> None:
