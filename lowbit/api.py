@@ -203,9 +203,30 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
                         seq_len=ev.get("seq_len"), context=ev.get("context"), kv_cache=kv_cache)
     check_user_files(files)
     base, cand = load_pair(baseline, candidate, say)
-    run = _evaluate(base, cand, config, say)
-    run["kind"] = "gate"
     cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
+    held = held_error = None
+    if "rss_reduction_pct" in sp.section("memory"):  # fresh processes, left to run beside the evaluation
+        from lowbit.benchmark.latency import HeldMemory
+
+        say("process memory (a fresh process per model, beside the evaluation)")
+        try:
+            held = HeldMemory(base, cand, wikipedia_text(), cfg)
+        except (LowbitError, RuntimeError, OSError) as e:
+            held_error = f"{type(e).__name__}: {e}"
+    try:
+        run = _evaluate(base, cand, config, say)
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
+    run["kind"] = "gate"
+    if held is not None:  # before the latency benchmark: nothing else may run while it times
+        try:
+            run["process_memory"] = held.result()
+        except (LowbitError, RuntimeError, OSError) as e:
+            held_error = f"{type(e).__name__}: {e}"
+    if held_error:
+        run["process_memory_error"] = held_error
     # a measurement that cannot run fails its criteria with the reason (gate.evaluate); it never passes
     if sp.section("latency"):
         say("latency benchmark")
@@ -213,14 +234,6 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
             run["bench"] = bench_pair(base, cand, wikipedia_text(), cfg, measure_rss=False)
         except (LowbitError, RuntimeError, OSError) as e:
             run["bench_error"] = f"{type(e).__name__}: {e}"
-    if "rss_reduction_pct" in sp.section("memory"):
-        from lowbit.benchmark.latency import held_memory_pair
-
-        say("process memory (a fresh process per model)")
-        try:
-            run["process_memory"] = held_memory_pair(base, cand, wikipedia_text(), cfg)
-        except (LowbitError, RuntimeError, OSError) as e:
-            run["process_memory_error"] = f"{type(e).__name__}: {e}"
     run["gate"] = verdict(sp, run)
     return run
 

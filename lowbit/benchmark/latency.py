@@ -382,24 +382,48 @@ def peak_rss_subprocess(model_path: str | None, config: BenchConfig, text: str =
     return process_memory(model_path, config, text, recipe)["peak_rss_bytes"]
 
 
-def held_memory_pair(baseline: Model, candidate: Model, text: str, config: BenchConfig) -> dict:
-    """process_memory of both models, their two fresh processes run side by side (memory does not depend
-    on timing): {"baseline": {...}, "candidate": {...}}. A model quantized in memory is saved as an
+class HeldMemory:
+    """process_memory of both models, their two fresh processes started at once and left to run (memory
+    does not depend on timing, so other work may go on meanwhile; not a latency benchmark); result()
+    waits for them: {"baseline": {...}, "candidate": {...}}. A model quantized in memory is saved as an
     artifact in a temporary folder first, and its process loads that, as a deployment would (rebuilding
     it from the float model in the child would leave the float weights' pages with the allocator)."""
-    import tempfile
 
-    from lowbit.model.artifact import save_artifact
+    def __init__(self, baseline: Model, candidate: Model, text: str, config: BenchConfig) -> None:
+        import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="lowbit-rss-") as tmp:
-        procs = {}
-        for side, ld in (("baseline", baseline), ("candidate", candidate)):
-            if not ld.meta and ld.plan is not None and ld.recipe is not None and ld.tokenizer is not None:
-                path, recipe = str(save_artifact(ld, Path(tmp) / side)), None
-            else:
-                path, recipe = rss_target(ld)
-            procs[side] = (path, *_rss_proc(path, config, text, recipe))
-        return {side: _rss_result(*p) for side, p in procs.items()}
+        from lowbit.model.artifact import save_artifact
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="lowbit-rss-")
+        self.procs = {}
+        try:
+            for side, ld in (("baseline", baseline), ("candidate", candidate)):
+                if not ld.meta and ld.plan is not None and ld.recipe is not None and ld.tokenizer is not None:
+                    path, recipe = str(save_artifact(ld, Path(self._tmp.name) / side)), None
+                else:
+                    path, recipe = rss_target(ld)
+                self.procs[side] = (path, *_rss_proc(path, config, text, recipe))
+        except BaseException:
+            self.close()
+            raise
+
+    def result(self) -> dict:
+        try:
+            return {side: _rss_result(*p) for side, p in self.procs.items()}
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for _, proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self._tmp.cleanup()
+
+
+def held_memory_pair(baseline: Model, candidate: Model, text: str, config: BenchConfig) -> dict:
+    """HeldMemory(...).result(): both models' process memory, measured side by side."""
+    return HeldMemory(baseline, candidate, text, config).result()
 
 
 def _rss_child() -> None:
