@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.presets import write_section  # noqa: E402
 from lowbit.serve import ServeConfig, create_app  # noqa: E402
 from lowbit.serve.engine import Backend  # noqa: E402
 
@@ -202,6 +203,24 @@ def phase(name: str, cand, fb, cand_name, fb_name, args, shadow: bool, spec: str
     return res
 
 
+def decisions_text(decisions: list[str]) -> str:
+    """Canary decisions ("action before->after"), runs of the same unchanged share folded into one."""
+    out, run = [], None
+    for d in decisions:
+        action, shares = d.split(" ", 1)
+        before, after = shares.split("->")
+        if before == after:  # the share did not move: held (older runs logged these at the maximum as step_up)
+            if run and run[0] == before:
+                run[1] += 1
+                continue
+            run = [before, 1]
+            out.append(run)
+        else:
+            run = None
+            out.append(f"{action} {before}->{after}")
+    return ", ".join(x if isinstance(x, str) else f"held at {x[0]}% x{x[1]}" for x in out)
+
+
 PHASES = {  # name: (shadow, spec, fault, batched)
     "alone": (False, None, None, True), "shadow": (True, None, None, True),
     "fault": (True, "lenient", "raise", True), "stall": (True, "lenient", "stall", True),
@@ -225,7 +244,7 @@ def table(results: list[dict], args, cand_name: str, fb_name: str) -> str:
         sh = r.get("shadow")
         shadow = "-" if not sh else (f"{sh['counts']['scored']} / {sh['counts']['dropped_full'] + sh['counts']['dropped_preempted']}"
                                      + (f" (KLD {sh['mean_kld']:.3f})" if sh["mean_kld"] is not None else ""))
-        canary = ", ".join(r.get("decisions") or []) or f"{r['final_share']:g}% throughout"
+        canary = decisions_text(r.get("decisions") or []) or f"{r['final_share']:g}% throughout"
         by = "; ".join(f"{k}: {v}" for k, v in r["answered_by"].items())
         lines.append(f"| {r['phase']} | {r['max_batch']} | {r['requests']} | {r['failed']} | {r['retried_429']} | "
                      f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['req_per_s']:.2f} | {by} | "
@@ -269,8 +288,15 @@ def main() -> None:
     ap.add_argument("--stall-timeout", type=float, default=2.0, help="the stall phase's --candidate-timeout")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    ap.add_argument("--from-json", type=Path, help="render the results a run stored with --json (give that run's "
+                                                   "--clients/--requests/--short-requests/--max-tokens); measure nothing")
     args = ap.parse_args()
     args.short_requests = args.short_requests or args.requests
+    if args.from_json:
+        body = table(json.loads(args.from_json.read_text()), args, "smollm2-w4-g128", "smollm2-135m")
+        print(body)
+        write_section(args.out, "serve-load", "## lowbit serve under load (loopback)\n\n" + body)
+        return
     if not (1 <= args.clients <= 256 and 1 <= args.requests <= 10_000 and 1 <= args.max_tokens <= 256
             and 1 <= args.short_requests <= 10_000):
         ap.error("keep the load bounded: --clients 1..256, --requests 1..10000, --max-tokens 1..256")
@@ -299,8 +325,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if not args.tiny:
-        from benchmarks.presets import write_section
-
         write_section(args.out, "serve-load", "## lowbit serve under load (loopback)\n\n" + body)
 
 

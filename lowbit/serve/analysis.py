@@ -128,7 +128,8 @@ class CanaryAnalysis:
             action, after = "hold", before
         else:
             self.failures = 0
-            action, after = "step_up", min(self.max_canary, before + self.step)
+            after = min(self.max_canary, before + self.step)
+            action = "step_up" if after > before else "hold"  # at the maximum already: the window held
         if after != before:
             self.router.set_share(after, f"canary analysis: {action}")
         decision = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,

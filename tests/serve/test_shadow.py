@@ -116,6 +116,7 @@ def test_canary_analysis_steps_up_while_scores_hold_and_rolls_back_when_they_fai
     for _ in range(10):
         a.observe_pair(_pair(0.01))
     assert router.share == 50  # capped at max_canary
+    assert [d["action"] for d in a.decisions[3:]] == ["step_up", "hold"]  # at the maximum a window that holds is a hold
     for _ in range(5):
         a.observe_pair(_pair(0.5))  # the window's mean KLD is now past 0.05
     assert a.decisions[-1]["action"] == "hold" and router.share == 50
