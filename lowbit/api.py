@@ -179,7 +179,7 @@ def evaluate(baseline: Model | str | Path, candidate: Model | str | Path, *, sui
     config = config or EvalConfig()
     if suites is not None:
         config = EvalConfig(**{**config.__dict__, "suites": tuple(suites)})
-    check_user_files(config.user_files)
+    check_user_files(config.user_files, config.structured_file)
     base, cand = load_pair(baseline, candidate, say or (lambda s: None))
     return _evaluate(base, cand, config, say or (lambda s: None))
 
@@ -199,9 +199,10 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
     ev = sp.section("eval")
     names = tuple(n for n in SUITES if n == "general" or n in sp.suites)
     files = (sp.suites["user"]["file"],) if "user" in sp.suites else ()
+    sfile = (sp.suites.get("structured") or {}).get("file")
     config = EvalConfig(suites=names, user_files=files, quick=quick, samples=ev.get("samples"),
-                        seq_len=ev.get("seq_len"), context=ev.get("context"), kv_cache=kv_cache)
-    check_user_files(files)
+                        seq_len=ev.get("seq_len"), context=ev.get("context"), kv_cache=kv_cache, structured_file=sfile)
+    check_user_files(files, sfile)
     base, cand = load_pair(baseline, candidate, say)
     cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
     held = held_error = None

@@ -357,6 +357,9 @@ def eval_cmd(
     context: Optional[int] = typer.Option(None, "--context", min=128, help="Long-context length (2048; quick 512)."),
     worst: int = typer.Option(5, "--worst", min=1, help="Worst samples to list."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Run the candidate with this KV cache (none, int8, fp8); default: its recipe's."),
+    structured_file: Optional[str] = typer.Option(None, "--structured-file", help="The structured suite's own samples: a "
+                                                  "JSONL file of {\"prompt\": ..., \"answer\": <JSON>} (default: "
+                                                  "Wikipedia extraction tasks and BFCL calls)."),
     report_dir: Path = typer.Option(Path("lowbit-reports"), "--report-dir", help="Where reports are written."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML/Markdown report and the registry."),
 ) -> None:
@@ -369,10 +372,10 @@ def eval_cmd(
     from lowbit.eval.run import EvalConfig, check_user_files, load_pair, parse_suites
 
     names, files = parse_suites(suites)
-    check_user_files(files)
+    check_user_files(files, structured_file)
     base, cand = load_pair(*_load_both(baseline, candidate), _say)
     cfg = EvalConfig(suites=names, user_files=files, quick=quick, samples=samples, seq_len=seq_len, context=context,
-                     worst=worst, kv_cache=kv_cache)
+                     worst=worst, kv_cache=kv_cache, structured_file=structured_file)
     run = _with_progress(1 + len(names) + len(files), lambda say: api.evaluate(base, cand, config=cfg, say=say))
     _print_eval(run)
     _finish_run(run, report_dir, no_report)
@@ -399,7 +402,8 @@ def gate(
     from lowbit.eval.run import check_user_files, load_pair
 
     sp = load_spec(spec)  # a bad spec or user file fails before any model loads
-    check_user_files((sp.suites["user"]["file"],) if "user" in sp.suites else ())
+    check_user_files((sp.suites["user"]["file"],) if "user" in sp.suites else (),
+                     (sp.suites.get("structured") or {}).get("file"))
     base, cand = load_pair(*_load_both(baseline, candidate), _say)
     steps = (1 + len(sp.suites) + (1 if "general" not in sp.suites else 0) + (1 if sp.section("latency") else 0)
              + (1 if "rss_reduction_pct" in sp.section("memory") else 0))

@@ -46,7 +46,7 @@ SUITE_KEYS = {
     "jargon": {"max_acc_drop", "max_kld"},
     "long_context": {"max_ppl_increase_pct", "max_needle_drop", "min_needle_pct"},
     "json": {"min_valid_pct", "max_valid_drop", "min_schema_valid_pct", "min_agreement_pct"},
-    "structured": {"max_kld", "max_top1_loss_pct", "max_nll_increase"},
+    "structured": {"file", "max_kld", "max_top1_loss_pct", "max_nll_increase"},
     "json_tasks": {"min_valid_pct", "max_valid_drop", "max_correct_drop"},
     "user": {"file", "min_pass_pct", "max_pass_drop"},
 }
@@ -156,6 +156,10 @@ def parse_spec(data: Any, source: str) -> Spec:
         if name not in SUITE_KEYS:
             raise LowbitError(f"spec {source}: suite 'quality.suites.{name}' is unknown; suites are {', '.join(SUITE_KEYS)}")
         _check_fields(source, f"quality.suites.{name}", crit, SUITE_KEYS[name], free=("file",))
+        if name == "structured" and "file" in crit and (not isinstance(crit["file"], str) or not crit["file"].strip()
+                                                        or len(crit["file"]) > MAX_FILE_CHARS or "\0" in crit["file"]):
+            raise LowbitError(f"spec {source}: field 'quality.suites.structured.file' is not a usable path; fix: the "
+                              f"path of a JSONL file of prompts and JSON answers")
         if name == "user" and (not isinstance(crit.get("file"), str) or not crit["file"].strip()):
             raise LowbitError(f"spec {source}: 'quality.suites.user' needs a 'file' (the path of a JSONL of prompts)")
         if name == "user" and (len(crit["file"]) > MAX_FILE_CHARS or "\0" in crit["file"]):
@@ -175,9 +179,10 @@ def load_spec(arg: str) -> Spec:
     p = Path(arg)
     data = read_data_file(p, "spec file", "pass a YAML spec, or 'default'")
     spec = parse_spec(data, f"file {p}")
-    user = spec.suites.get("user")
-    if user and not Path(user["file"]).is_absolute():
-        user["file"] = str((p.parent / user["file"]).resolve())
+    for name in ("user", "structured"):
+        crit = spec.suites.get(name)
+        if crit and crit.get("file") and not Path(crit["file"]).is_absolute():
+            crit["file"] = str((p.parent / crit["file"]).resolve())
     return spec
 
 

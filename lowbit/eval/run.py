@@ -34,6 +34,7 @@ class EvalConfig:
     worst: int = 5
     json_n: int | None = None
     kv_cache: str | None = None  # the candidate's KV-cache format (none, int8, fp8); None: its recipe's
+    structured_file: str | None = None  # the structured suite's own prompts and JSON answers (JSONL)
 
     @property
     def n_samples(self) -> int:
@@ -51,12 +52,17 @@ def identity(model: Model) -> dict:
             "recipe": model.recipe.name if model.recipe is not None else None}
 
 
-def check_user_files(paths: tuple[str, ...]) -> None:
-    """Validate user JSONL suites before any model is loaded, so a bad line fails at once."""
+def check_user_files(paths: tuple[str, ...], structured_file: str | None = None) -> None:
+    """Validate user JSONL suites (and the structured suite's own file) before any model is loaded, so a
+    bad line fails at once."""
     from lowbit.eval.suites import user
 
     for path in paths:
         user.load_items(path)
+    if structured_file is not None:
+        from lowbit.eval.suites import structured
+
+        structured.load_samples(structured_file)
 
 
 def load_pair(baseline: str | Model, candidate: str | Model, say: Say) -> tuple[Model, Model]:
@@ -112,7 +118,7 @@ def run_suite(name: str, base: Model, cand: Model, opts: EvalConfig):
     if name == "structured":
         from lowbit.eval.suites import structured
 
-        return structured.run(base, cand, quick=opts.quick)
+        return structured.run(base, cand, quick=opts.quick, file=opts.structured_file)
     if name == "json":
         from lowbit.eval.suites import tool_calling
 

@@ -91,3 +91,51 @@ def test_a_model_too_short_for_every_sample_is_reported_not_measured_and_gates_f
     assert res.n == 0 and res.metrics == {} and "not measured" in res.notes
     verdict = gate_eval(parse_spec(SPEC, "test"), {"suites": [res.to_dict()], "baseline": {}, "candidate": {}})
     assert not verdict["passed"] and verdict["criteria"][0]["value"] is None
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_a_users_own_samples_replace_the_built_in_ones(base, tmp_path):
+    f = _jsonl(tmp_path / "s.jsonl", [{"prompt": "City of the Louvre as JSON", "answer": {"city": "Paris"}},
+                                      {"id": "two", "prompt": "Two numbers", "answer": "[1, 2]"}])
+    samples = structured.load_samples(f)
+    assert [s["answer"] for s in samples] == ['{"city": "Paris"}', "[1, 2]"] and samples[1]["id"] == "two"
+    res = structured.run(base, base, file=f)
+    assert res.n == 2 and res.candidate == pytest.approx(0.0, abs=1e-6) and "file" in res.notes
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"answer": {"a": 1}}], "line 1.*'prompt'"),
+    ([{"prompt": "x", "answer": {"a": 1}}, {"prompt": "y"}], "line 2.*'answer' is missing"),
+    ([{"prompt": "x", "answer": "{not json"}], "line 1.*not JSON"),
+    (["{broken"], "line 1"),
+    ([{"prompt": "x", "answer": 42}, {"prompt": "y", "answer": "true"}], "no answer has structural content"),
+    ([], "no samples"),
+])
+def test_bad_sample_files_are_refused_naming_the_line_and_the_fix(tmp_path, rows, match):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match=match):
+        structured.load_samples(_jsonl(tmp_path / "s.jsonl", rows))
+
+
+def test_the_spec_and_the_cli_take_the_file_and_check_it_before_any_model_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.eval.gate import load_spec
+
+    _jsonl(tmp_path / "flat.jsonl", [{"prompt": "x", "answer": 1}])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("quality:\n  suites:\n    structured: {file: flat.jsonl, max_kld: 0.1}\n")
+    assert load_spec(str(spec)).suites["structured"]["file"] == str((tmp_path / "flat.jsonl").resolve())
+    r = CliRunner().invoke(app, ["gate", str(spec), "no-such-model", "no-such-model"])
+    assert r.exit_code == 2 and "no answer has structural content" in r.output
+    r = CliRunner().invoke(app, ["eval", "no-such-model", "no-such-model", "--structured-file",
+                                 str(tmp_path / "flat.jsonl")])
+    assert r.exit_code == 2 and "no answer has structural content" in r.output

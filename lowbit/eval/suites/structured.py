@@ -140,15 +140,62 @@ def _encode(tokenizer, prompt_text: str, answer: str, templated: bool):
     return torch.tensor(ids[: first + len(cls)]), first, cls
 
 
+MAX_FILE_SAMPLES = 1000
+
+
+def load_samples(path) -> list[dict]:
+    """The structured suite's own samples: a JSON-lines file of {"prompt": str, "answer": JSON text or
+    a JSON value} (optional "id"). Refused, naming the line and field, when a line is malformed or an
+    answer is not JSON, and as a whole when no answer has any structural character to score."""
+    from pathlib import Path
+
+    from lowbit.datafile import MAX_DATA_FILE_BYTES, decode_utf8, iter_jsonl, read_bounded
+
+    p = Path(path)
+    what = f"structured suite file {p}"
+    text = decode_utf8(read_bounded(p, what, MAX_DATA_FILE_BYTES, "fix: a smaller file"), what, p)
+    out = []
+    for line, where, obj in iter_jsonl(text.splitlines(), f"{what}:"):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise LowbitError(f"{where}: field 'prompt' is missing or not text; fix: "
+                              '{"prompt": "...", "answer": {...}} on every line')
+        if "answer" not in obj:
+            raise LowbitError(f"{where}: field 'answer' is missing; fix: the JSON the model should write")
+        ans = obj["answer"]
+        if isinstance(ans, str):
+            try:
+                json.loads(ans)
+            except ValueError as e:
+                raise LowbitError(f"{where}: field 'answer' is text that is not JSON ({e}); fix: a JSON value, or "
+                                  f"its JSON text") from None
+        else:
+            ans = json.dumps(ans, ensure_ascii=False)
+        out.append({"id": str(obj.get("id") or f"line {line}"), "prompt": obj["prompt"], "answer": ans, "kind": "file"})
+        if len(out) > MAX_FILE_SAMPLES:
+            raise LowbitError(f"{what}: more than {MAX_FILE_SAMPLES} samples; fix: a smaller sample")
+    if not out:
+        raise LowbitError(f"{what}: no samples; fix: one JSON object per line with 'prompt' and 'answer'")
+    if not any(c != "v" for s in out for c in char_classes(s["answer"])):
+        raise LowbitError(f"{what}: no answer has structural content (braces, brackets, quotes, colons, commas or "
+                          f"keys): every answer is a bare number, true/false or null, so there is nothing for this "
+                          f"suite to score; fix: answers that are JSON objects or arrays")
+    return out
+
+
 @torch.no_grad()
-def run(baseline, candidate, quick: bool = False, n: int | None = None, seed: int = 0) -> SuiteResult:
+def run(baseline, candidate, quick: bool = False, n: int | None = None, seed: int = 0, file=None) -> SuiteResult:
     tok = baseline.tokenizer
     n_each = n or (3 if quick else 8)
-    samples = _wiki_samples(n_each, seed)
     templated = bool(getattr(tok, "chat_template", None))
+    if file is not None:  # the user's own prompts and answers replace the built-in ones
+        samples = load_samples(file)
+        samples = samples[: 2 * n_each] if quick else samples
+    else:
+        samples = _wiki_samples(n_each, seed)
     for s in samples:
         s["prompt_text"] = _prompt_text(tok, s["prompt"])
-    samples += _bfcl_samples(tok, n_each, seed)
+    if file is None:
+        samples += _bfcl_samples(tok, n_each, seed)
     context = getattr(baseline.module.config, "max_position_embeddings", None) or MAX_SAMPLE_TOKENS
     limit = min(MAX_SAMPLE_TOKENS, context)  # prompt + answer must fit the model: longer samples are skipped
     sums = {c: {"kld": 0.0, "nll_b": 0.0, "nll_c": 0.0, "top1_b": 0, "top1_c": 0, "lost": 0, "n": 0}
