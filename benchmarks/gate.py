@@ -57,16 +57,23 @@ def main() -> None:
             rc, _, out = lowbit_cli("quantize", "--model", args.model, "--recipe", recipe, "--out", str(arts[name]), env=env)
             assert rc == 0, out
         rows = []
+        from lowbit.eval.basecache import cache_dir
+
+        def entries() -> int:
+            return len(list(cache_dir().glob("*.pt"))) if cache_dir().is_dir() else 0
+
         for mode in (["--quick"], [] if not args.skip_full else None):
             if mode is None:
                 continue
             for name, art in arts.items():
+                before = entries()
                 rc, secs, out = lowbit_cli("gate", "default", args.model, str(art), *mode, "--report-dir",
                                            str(tmp / "reports"), env=env)
                 assert rc in (0, 1), out
+                cache = "computed" if entries() > before else "cached"
                 run = get_run(list_runs(limit=1, db=tmp / "runs.sqlite")[0]["id"], db=tmp / "runs.sqlite")["run"]
-                rows.append((name, "quick" if mode else "default", rc, secs, run))
-                print(f"{name:28s} {'quick' if mode else 'default':8s} rc={rc} {secs:6.1f} s", flush=True)
+                rows.append((name, "quick" if mode else "default", rc, secs, run, cache))
+                print(f"{name:28s} {'quick' if mode else 'default':8s} rc={rc} {secs:6.1f} s ({cache})", flush=True)
         html = next((tmp / "reports").glob("gate-*/report.html"))
         png = screenshot(html, tmp / "report.png")
         shot = png_stats(png)
@@ -79,28 +86,36 @@ def main() -> None:
         f"Written by `benchmarks/gate.py --model {args.model}` on {time.strftime('%Y-%m-%d')}: `lowbit gate default "
         f"{args.model} CANDIDATE [--quick]` through the CLI in a fresh process each (wall time includes Python start, "
         f"loading both models and writing the report). The default spec is in `lowbit/eval/gate.py` and docs/gate.md. "
-        f"The damaged candidate is INT8 with `model.layers.3.mlp.down_proj` at 2 bits per channel. CPU kernels: "
+        f"The damaged candidate is INT8 with `model.layers.3.mlp.down_proj` at 2 bits per channel. 'baseline side': "
+        f"whether the run computed the baseline's side of a measurement (the first run of a mode, on a cold cache) or "
+        f"read every part from the cache (lowbit/eval/basecache.py). CPU kernels: "
         f"{native.describe()}; the bundled weights sit on a Q4_1 grid (see the presets table).",
         "",
-        "| candidate | mode | wall time | exit code | verdict | criteria passed | mean KLD | p99 KLD | worst-sample KLD | top-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| candidate | mode | wall time | baseline side | exit code | verdict | criteria passed (n/a) | failed | mean KLD "
+        "| p99 KLD | worst-sample KLD | top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, mode, rc, secs, run in rows:
+    for name, mode, rc, secs, run, cache in rows:
         crit = run["gate"]["criteria"]
         d = run["divergence"]
-        lines.append(f"| {name} | {mode} | {secs:.0f} s | {rc} | {'PASS' if run['gate']['passed'] else 'FAIL'} | "
-                     f"{sum(c['passed'] for c in crit)}/{len(crit)} | {d['mean_kld']:.4f} | {d['p99_kld']:.4f} | "
-                     f"{d['max_sample_kld']:.4f} | {d['top1']:.3f} |")
+        judged = [c for c in crit if c["passed"] is not None]
+        failed = ", ".join(c["name"] for c in crit if c["passed"] is False) or "-"
+        lines.append(f"| {name} | {mode} | {secs:.0f} s | {cache} | {rc} | {'PASS' if run['gate']['passed'] else 'FAIL'} | "
+                     f"{sum(c['passed'] is True for c in judged)}/{len(judged)} ({len(crit) - len(judged)}) | {failed} | "
+                     f"{d['mean_kld']:.4f} | {d['p99_kld']:.4f} | {d['max_sample_kld']:.4f} | {d['top1']:.3f} |")
     lines += ["", "Suite scores (default mode where it ran, else quick):", "",
               "| candidate | suite | metric | baseline | candidate | all metrics (baseline -> candidate) |", "|---|---|---|---|---|---|"]
     best = {}
-    for name, mode, _, _, run in rows:
+    for name, mode, _, _, run, _ in rows:
         if name not in best or mode == "default":
             best[name] = run
     for name, run in best.items():
         for s in run["suites"]:
-            detail = "; ".join(f"{k} {v['baseline']:.3g} -> {v['candidate']:.3g}" for k, v in s["metrics"].items())
-            lines.append(f"| {name} | {s['name']} | {s['metric']} | {s['baseline']:.3f} | {s['candidate']:.3f} | {detail} |")
+            def g(x):
+                return "n/a" if x is None or x != x else f"{x:.3g}"
+
+            detail = "; ".join(f"{k} {g(v['baseline'])} -> {g(v['candidate'])}" for k, v in s["metrics"].items())
+            lines.append(f"| {name} | {s['name']} | {s['metric']} | {g(s['baseline'])} | {g(s['candidate'])} | {detail} |")
     lines += ["", f"The INT8 gate report rendered in headless Chromium: a {shot.get('width')}x{shot.get('height')} "
                   f"screenshot with {shot.get('distinct_colors', shot.get('colors', '?'))} distinct colours (not blank)."]
     write_section(args.out, f"gate-{args.model}", "\n".join(lines))
