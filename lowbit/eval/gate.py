@@ -83,7 +83,7 @@ MAX_FILE_CHARS = 4096  # the user suite's path
 
 DEFAULT_SPEC = """\
 # lowbit's default gate: close to the FP32 model on text, its tails, rare terms, long context and
-# JSON structure; no slower than the baseline; at least half the weight memory and a quarter of the
+# JSON structure; no slower than the baseline; at least half the weight memory and a tenth of the
 # process's memory. docs/gate.md says where each threshold comes from (benchmarks/gate_guard.py).
 quality:
   max_ppl_increase_pct: 2.0
@@ -98,7 +98,7 @@ quality:
     structured: {max_kld: 0.02, max_top1_loss_pct: 3.0, max_nll_increase: 0.05}
     json_tasks: {max_valid_drop: 13, max_correct_drop: 13}
 latency: {p95_improvement_pct: 0, min_decode_speedup: 1.0}
-memory: {reduction_pct: 50, rss_reduction_pct: 25}
+memory: {reduction_pct: 50, rss_reduction_pct: 10}
 """
 
 
