@@ -204,14 +204,21 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
                         seq_len=ev.get("seq_len"), context=ev.get("context"), kv_cache=kv_cache, structured_file=sfile)
     check_user_files(files, sfile)
     base, cand = load_pair(baseline, candidate, say)
-    cfg = BenchConfig(**{**({"requests": 4} if quick else {}), **sp.section("bench")})
+    # --quick: a smoke-sized latency run (4 measured requests of 16 new tokens after 1 warm-up), unless the spec says
+    cfg = BenchConfig(**{**({"requests": 4, "warmup": 1, "output_tokens": 16} if quick else {}), **sp.section("bench")})
     held = held_error = None
     if "rss_reduction_pct" in sp.section("memory"):  # fresh processes, left to run beside the evaluation
         from lowbit.benchmark.latency import HeldMemory
 
+        from dataclasses import asdict
+
+        from lowbit.eval import basecache
+
         say("process memory (a fresh process per model, beside the evaluation)")
+        mem_key = {"config": asdict(cfg), "threads": torch.get_num_threads()}
+        base_mem = basecache.lookup("process_memory", base, mem_key)  # a float baseline's: measured once
         try:
-            held = HeldMemory(base, cand, wikipedia_text(), cfg)
+            held = HeldMemory(base, cand, wikipedia_text(), cfg, {"baseline": base_mem} if base_mem else None)
         except (LowbitError, RuntimeError, OSError) as e:
             held_error = f"{type(e).__name__}: {e}"
     try:
@@ -224,6 +231,8 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
     if held is not None:  # before the latency benchmark: nothing else may run while it times
         try:
             run["process_memory"] = held.result()
+            if not base_mem:
+                basecache.store("process_memory", base, mem_key, run["process_memory"]["baseline"])
         except (LowbitError, RuntimeError, OSError) as e:
             held_error = f"{type(e).__name__}: {e}"
     if held_error:

@@ -389,15 +389,20 @@ class HeldMemory:
     artifact in a temporary folder first, and its process loads that, as a deployment would (rebuilding
     it from the float model in the child would leave the float weights' pages with the allocator)."""
 
-    def __init__(self, baseline: Model, candidate: Model, text: str, config: BenchConfig) -> None:
+    def __init__(self, baseline: Model, candidate: Model, text: str, config: BenchConfig,
+                 known: dict | None = None) -> None:
+        """known: sides already measured (the baseline's, from the cache): not run again."""
         import tempfile
 
         from lowbit.model.artifact import save_artifact
 
         self._tmp = tempfile.TemporaryDirectory(prefix="lowbit-rss-")
         self.procs = {}
+        self.known = dict(known or {})
         try:
             for side, ld in (("baseline", baseline), ("candidate", candidate)):
+                if side in self.known:
+                    continue
                 if not ld.meta and ld.plan is not None and ld.recipe is not None and ld.tokenizer is not None:
                     path, recipe = str(save_artifact(ld, Path(self._tmp.name) / side)), None
                 else:
@@ -409,7 +414,7 @@ class HeldMemory:
 
     def result(self) -> dict:
         try:
-            return {side: _rss_result(*p) for side, p in self.procs.items()}
+            return {**self.known, **{side: _rss_result(*p) for side, p in self.procs.items()}}
         finally:
             self.close()
 

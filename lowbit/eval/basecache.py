@@ -58,22 +58,30 @@ def _versions() -> str:
     return f"torch {torch.__version__}, transformers {tf}"
 
 
-def cached(kind: str, model, params: dict, compute: Callable[[], Any]) -> Any:
-    """compute() of the baseline `model`, or the stored result of the same measurement on the same
-    baseline. `params` (JSON-serializable) must hold everything else that changes the result; the
-    result may hold tensors, lists, dicts, strings and numbers."""
+def _path(kind: str, model, params: dict) -> Path | None:
     key = baseline_key(model)
     if key is None or os.environ.get("LOWBIT_NO_BASELINE_CACHE", "") not in ("", "0"):
-        return compute()
+        return None
     blob = json.dumps({"kind": kind, "params": params, "model": key, "v": CACHE_VERSION, "lib": _versions()},
                       sort_keys=True, default=str)
-    path = cache_dir() / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.pt"
-    if path.is_file():
+    return cache_dir() / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.pt"
+
+
+def lookup(kind: str, model, params: dict) -> Any:
+    """The stored result of this measurement on this baseline, or None (not cacheable, absent, damaged)."""
+    path = _path(kind, model, params)
+    if path is not None and path.is_file():
         try:
             return torch.load(path, weights_only=True)
         except Exception:  # a damaged entry is recomputed, never trusted
             pass
-    value = compute()
+    return None
+
+
+def store(kind: str, model, params: dict, value: Any) -> None:
+    path = _path(kind, model, params)
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
@@ -81,4 +89,14 @@ def cached(kind: str, model, params: dict, compute: Callable[[], Any]) -> Any:
         os.replace(tmp, path)
     except OSError:  # a read-only or full cache costs time, not the result
         pass
+
+
+def cached(kind: str, model, params: dict, compute: Callable[[], Any]) -> Any:
+    """compute() of the baseline `model`, or the stored result of the same measurement on the same
+    baseline. `params` (JSON-serializable) must hold everything else that changes the result; the
+    result may hold tensors, lists, dicts, strings and numbers (not None)."""
+    value = lookup(kind, model, params)
+    if value is None:
+        value = compute()
+        store(kind, model, params, value)
     return value
