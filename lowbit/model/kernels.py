@@ -106,7 +106,9 @@ def pack(qt: QTensor, plan: KernelPlan) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; the GEMM is not
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(t["qdata"], scale, torch.zeros(rows, dtype=torch.long), 0)
-            return {"linear": torch.ops.quantized.linear_prepack(qw, None)}
+            # the codes and scales are kept too, for decode on the native int8 kernel (int8dyn_native)
+            return {"linear": torch.ops.quantized.linear_prepack(qw, None), "w": t["qdata"].contiguous(),
+                    "s": scale.float().contiguous()}
     return {}
 
 
@@ -124,9 +126,9 @@ def int8dyn_native(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     its own scale, not with the format's one scale per token (dynamic) or calibrated range (static); on
     64 teacher-forced SmolLM2 decode steps the KLD to FP32 was 0.0201 against 0.0185 for the per-token
     GEMM, top-1 the same (0.846). Whole-sequence evaluation and prefill keep the per-token GEMM. The
-    codes are held twice once decoding has run (here and inside the prepacked weight): memory_bytes
-    counts both. LOWBIT_NATIVE=0 keeps every call on the prepacked GEMM."""
-    if "w" not in p:
+    codes are held twice (here, from packing, and inside the prepacked weight): memory_bytes counts
+    both. LOWBIT_NATIVE=0 keeps every call on the prepacked GEMM."""
+    if "w" not in p:  # packed by an older lowbit: read back from the prepacked weight
         qw = torch.ops.quantized.linear_unpack(p["linear"])[0]
         p["s"] = qw.q_per_channel_scales().float().contiguous()
         p["w"] = qw.int_repr().contiguous()

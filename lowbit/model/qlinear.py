@@ -67,7 +67,8 @@ class QLinear(nn.Module):
     # -- the stored form ---------------------------------------------------------------------------
     def _stored(self, name: str) -> torch.Tensor:
         if name == "qdata" and "qdata" not in self._buffers and self.plan.name == "int8dyn":
-            return kernels.int8_codes(self._packed)  # the prepacked GEMM weight holds the codes
+            # the codes kept beside the prepacked GEMM weight (else read back from it)
+            return self._packed["w"] if "w" in self._packed else kernels.int8_codes(self._packed)
         if name == "qdata" and "qdata" not in self._buffers:  # int4pack holds the codes packed its own way
             codes = kernels.int4_codes(self._packed, self.out_features, self.in_features)
             if self.spec.symmetric:
@@ -102,8 +103,8 @@ class QLinear(nn.Module):
     def memory_bytes(self) -> int:
         """Bytes this module holds in memory now (buffers, kernel tensors and bias; shared storage once)."""
         seen, total = set(), 0
-        if "linear" in self._packed:  # a prepacked int8 GEMM weight: its codes plus one scale per row
-            total += self.in_features * self.out_features + 8 * self.out_features
+        if "linear" in self._packed:  # a prepacked int8 GEMM weight: its codes plus one scale per row (the codes
+            total += self.in_features * self.out_features + 8 * self.out_features  # kept beside it count below)
         tensors = [t for t in self._packed.values() if isinstance(t, torch.Tensor)]
         for t in [*self._buffers.values(), *tensors, *([self.bias] if self.bias is not None else [])]:
             if t is None or t.data_ptr() in seen:
