@@ -30,7 +30,7 @@ import shutil
 import time
 import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +55,6 @@ class QATConfig:
     lora_rank: int = 0  # 0: train every block weight; r > 0: rank-r adapters on the frozen quantized base (peft)
     merge_tolerance: float = 0.02  # LoRA: the largest mean KLD allowed between the trained model and its merged,
     # requantized artifact on the check windows
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> "QATConfig":
         for name, lo, hi in (("steps", 1, 1_000_000), ("batch", 1, 1024), ("seq_len", 8, 131_072),

@@ -35,8 +35,10 @@ def baseline_key(model) -> str | None:
     sha = src.get("sha256")
     if not sha or getattr(model, "meta", None) or getattr(model, "plan", None) is not None:
         return None
+    from lowbit.model.qlinear import QEmbedding, QLinear
+
     module = getattr(model, "module", model)
-    if any(type(m).__name__ in ("QLinear", "QEmbedding") for m in module.modules()):
+    if any(isinstance(m, (QLinear, QEmbedding)) for m in module.modules()):
         return None
     p = next(module.parameters(), None)
     return f"{sha}|{p.dtype if p is not None else '?'}|kv {getattr(model, 'kv_cache', 'none')}"

@@ -121,11 +121,12 @@ def int8dyn_native(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (rows, cols), scales float32 (rows)) of a prepacked int8dyn weight, for the native
     int8 kernel: unpacked from the prepacked GEMM weight on first use (decode) and kept beside it.
 
-    Few rows (decode) run faster on the native kernel than on the prepacked GEMM (SmolLM2, batch 1,
-    one thread: 107 against 50 tokens/s). Its activations are rounded to int8 in blocks of 32, each with
-    its own scale, not with the format's one scale per token (dynamic) or calibrated range (static); on
-    64 teacher-forced SmolLM2 decode steps the KLD to FP32 was 0.0201 against 0.0185 for the per-token
-    GEMM, top-1 the same (0.846). Whole-sequence evaluation and prefill keep the per-token GEMM. The
+    Few rows (decode) run faster on the native kernel than on the prepacked GEMM: W8A8 SmoothQuant
+    decoded at 2.8-3.1x FP32 in benchmarks/gate_guard.py's run, where docs/BENCHMARKS.md's older
+    decode-speed table (the GEMM) has 0.64x. Its activations are rounded to int8 in blocks of 32, each
+    with its own scale, not with the format's one scale per token (dynamic) or calibrated range
+    (static); tests/model/test_native.py holds the native step to the reference path's tolerance on
+    every instruction-set path. Whole-sequence evaluation and prefill keep the per-token GEMM. The
     codes are held twice (here, from packing, and inside the prepacked weight): memory_bytes counts
     both. LOWBIT_NATIVE=0 keeps every call on the prepacked GEMM."""
     if "w" not in p:  # packed by an older lowbit: read back from the prepacked weight
