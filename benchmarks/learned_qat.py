@@ -64,7 +64,7 @@ def kld(base, model, samples) -> dict:
     from lowbit.eval.divergence import compare
 
     d = compare(base.module, model.module, samples, None)
-    return {"kld": d["mean_kld"], "top1": d["top1"]}
+    return {"kld": d["mean_kld"], "top1": d["top1"], "ppl": d["ppl_candidate"], "ppl_base": d["ppl_baseline"]}
 
 
 def fresh(base):
@@ -116,8 +116,11 @@ def qat_part(args) -> str:
     rec = recipe(args.scheme)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = qat.train(base, rec, Path(tmp) / "q", qat.QATConfig(steps=args.qat_steps, lr=args.lr, batch=4,
-                                                                  seq_len=256, data="mix", samples=1024))
+        res = qat.train(base, rec, Path(tmp) / "q", qat.QATConfig(steps=args.qat_steps, lr=args.lr, batch=args.batch,
+                                                                  seq_len=256, data="mix", samples=1024),
+                        progress=lambda i, n, loss: print(f"step {i}/{n} KL {loss:.4f} "
+                                                          f"{time.perf_counter() - t0:.0f} s", flush=True)
+                        if i % 10 == 0 or i == 1 else None)
         secs = time.perf_counter() - t0
         peak = max_rss_bytes()
         rtn = api.quantize(fresh(base), rec)
@@ -126,16 +129,22 @@ def qat_part(args) -> str:
         r = {"RTN": kld(base, rtn, samples), "GPTQ": kld(base, gptq, samples), "QAT": kld(base, res.model, samples)}
         gates = {name: api.gate("default", base, m, quick=True) for name, m in (("RTN", rtn), ("QAT", res.model))}
     recovered = 100 * (r["RTN"]["kld"] - r["QAT"]["kld"]) / r["RTN"]["kld"]
+    p0 = r["RTN"]["ppl_base"]
+    ppl_rec = 100 * (r["RTN"]["ppl"] - r["QAT"]["ppl"]) / (r["RTN"]["ppl"] - p0) if r["RTN"]["ppl"] > p0 else None
+    losses = res.losses
     lines = [f"## QAT vs post-training quantization (off-grid {args.model}, {args.scheme})", "",
              f"`benchmarks/learned_qat.py qat --model {args.model} --scheme {args.scheme} --qat-steps {args.qat_steps} "
              f"--lr {args.lr:g}` on {cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: `lowbit qat` "
-             f"({args.qat_steps} steps of 4 x 256 tokens of the built-in mix set, distillation from the off-grid F32 "
+             f"({args.qat_steps} steps of {args.batch} x 256 tokens of the built-in mix set, distillation from the off-grid F32 "
              f"model) took {secs / 60:.1f} min; peak RSS of the process {peak / 2**30:.2f} GiB. Mean KLD and top-1 "
              f"against the F32 model on 16 x 256 Wikipedia tokens.", "",
-             "| method | mean KLD | vs RTN | top-1 |", "|---|---|---|---|"]
+             "| method | mean KLD | vs RTN | top-1 | ppl (F32 {:.2f}) |".format(p0), "|---|---|---|---|---|"]
     for name, v in r.items():
-        lines.append(f"| {name} | {v['kld']:.4f} | {v['kld'] / r['RTN']['kld']:.2f}x | {v['top1']:.3f} |")
-    lines += ["", f"QAT recovered {recovered:.0f}% of RTN's KLD gap (goal: at least 40%, KLD_QAT <= 0.6 x KLD_RTN).", "",
+        lines.append(f"| {name} | {v['kld']:.4f} | {v['kld'] / r['RTN']['kld']:.2f}x | {v['top1']:.3f} | {v['ppl']:.2f} |")
+    lines += ["", f"QAT recovered {recovered:.0f}% of RTN's KLD gap (goal: at least 40%, KLD_QAT <= 0.6 x KLD_RTN)"
+              + (f" and {ppl_rec:.0f}% of its perplexity gap." if ppl_rec is not None else "."),
+              f"Training KL (teacher || student) on its own batches: step 1 {losses[0]:.4f}, mean of the last 10 steps "
+              f"{sum(losses[-10:]) / len(losses[-10:]):.4f}.", "",
               "The quick default gate's suites, RTN -> QAT (candidate values):", ""]
     for name in ("RTN", "QAT"):
         rows = [f"{c['name']}: {c['value'] if c['value'] is None else round(c['value'], 4)}"
@@ -153,6 +162,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="learned rounding: steps per block")
     ap.add_argument("--qat-steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--batch", type=int, default=4, help="qat: windows of 256 tokens per step")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = ap.parse_args()

@@ -105,6 +105,23 @@ def _patch(m: nn.Linear, spec) -> None:
     m.forward = types.MethodType(forward, m)
 
 
+FAKE_QUANT_KINDS = ("int", "nf4", "fp8_e4m3", "fp8_e5m2")
+
+
+def _no_fake_quant(spec) -> bool:
+    return spec.kind not in FAKE_QUANT_KINDS or spec.activation != "none"
+
+
+def check_recipe(recipe) -> None:
+    """Refuse, before any model loads, a recipe whose scheme or an override has no fake quantizer here."""
+    for where, spec in [("scheme", recipe.scheme)] + [(f"overrides[{i}] ({o.match})", o.scheme)
+                                                       for i, o in enumerate(recipe.overrides)]:
+        if spec is not None and _no_fake_quant(spec):
+            raise LowbitError(f"qat --recipe {recipe.name}: field '{where}' has format {spec.label}, which has no fake "
+                              f"quantizer here (weight-only int, NF4 and FP8 formats have); fix: a weight-only recipe "
+                              f"such as w4-g128")
+
+
 def trainable(student: nn.Module, recipe) -> dict[str, tuple[nn.Linear, object]]:
     """The decoder-block Linears the recipe quantizes: name -> (module, spec)."""
     from lowbit.calib.sequential import decoder_layers
@@ -115,7 +132,7 @@ def trainable(student: nn.Module, recipe) -> dict[str, tuple[nn.Linear, object]]
     for p in plan_model(student, recipe):
         if p.spec is None or not p.name.startswith(prefix + "."):
             continue
-        if p.spec.kind not in ("int", "nf4", "fp8_e4m3", "fp8_e5m2") or p.spec.activation != "none":
+        if _no_fake_quant(p.spec):
             raise LowbitError(f"qat: module {p.name} has format {p.spec.label}, which has no fake quantizer here "
                               f"(weight-only int, NF4 and FP8 formats have); fix: a weight-only recipe such as w4-g128")
         out[p.name] = (student.get_submodule(p.name), p.spec)
@@ -149,6 +166,7 @@ def train(baseline, recipe, out: str | Path, config: QATConfig, *, force: bool =
 
     config.check()
     recipe = resolve_recipe(recipe) if not hasattr(recipe, "scheme") else recipe
+    check_recipe(recipe)
     out = Path(out)
     if out.exists() and not force:
         raise LowbitError(f"qat --out {out}: exists; fix: another path, or --force to replace it")

@@ -99,6 +99,12 @@ def test_bad_input_is_refused_with_the_fix(tmp_path, kw, recipe, match):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_recipe_without_fake_quantizer_is_refused_before_any_model_loads(tmp_path):
+    """The baseline path does not exist: the recipe's refusal comes first, naming the field."""
+    with pytest.raises(LowbitError, match=r"w8a8-dynamic: field 'scheme' .*no fake quantizer.*fix: a weight-only"):
+        qat.train(str(tmp_path / "no-such-model"), "w8a8-dynamic", tmp_path / "q", _cfg())
+
+
 def test_a_quantized_baseline_and_an_existing_out_are_refused(tmp_path):
     (tmp_path / "q").mkdir()
     with pytest.raises(LowbitError, match="exists"):

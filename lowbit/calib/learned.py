@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.calib.sequential import _block_out
 from lowbit.formats import affine
 from lowbit.formats.qtensor import QTensor, int_qtensor
 from lowbit.formats.spec import QuantSpec
@@ -119,11 +120,15 @@ def _unpatch(m: nn.Linear) -> None:
     m.__dict__.pop("forward", None)
 
 
-def _block_out(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _loss(layer, xs, ys, kwargs, device, idx) -> torch.Tensor:
+    """Mean squared error of the block's outputs on windows idx. The windows go through the block as one
+    batch (one fake-quantized weight per step, one larger GEMM); the block's other inputs (position
+    embeddings, causal mask) were captured for one window and broadcast over the batch. Windows of
+    unequal length (a user's short last window) go one at a time."""
+    if len(idx) > 1 and len({xs[i].shape for i in idx}) == 1:
+        x = torch.cat([xs[i] for i in idx]).to(device)
+        y = _block_out(layer(x, **kwargs))
+        return F.mse_loss(y.float(), torch.cat([ys[i] for i in idx]).to(device).float())
     total = 0.0
     for i in idx:
         y = _block_out(layer(xs[i].to(device), **kwargs))

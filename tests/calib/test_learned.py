@@ -68,3 +68,26 @@ def test_method_learned_needs_an_integer_recipe():
     with pytest.raises(LowbitError, match="integer schemes"):
         lowbit.quantize(make_tiny_llama(), "nf4", tokenizer=make_tokenizer(),
                         calib=CalibConfig(method="learned", data=TEXTS, samples=2, seq_len=48))
+
+
+def test_windows_go_through_the_block_as_one_batch_with_the_same_loss():
+    """The batched loss (one forward of several windows, the block's kwargs captured for one window and
+    broadcast) equals the mean of the windows' own losses."""
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    layer = model.model.layers[0]
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 200, (1, 24)), use_cache=False)
+    h.remove()
+    xs = [torch.randn(1, 24, model.config.hidden_size) for _ in range(3)]
+    ys = [torch.randn(1, 24, model.config.hidden_size) for _ in range(3)]
+    with torch.no_grad():
+        batched = learned._loss(layer, xs, ys, seen["kwargs"], "cpu", [0, 1, 2])
+        alone = sum(learned._loss(layer, xs, ys, seen["kwargs"], "cpu", [i]) for i in range(3)) / 3
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
