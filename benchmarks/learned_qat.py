@@ -78,7 +78,6 @@ def fresh(base):
 def learned(args) -> str:
     from lowbit import api
     from lowbit.calib import CalibConfig
-    from lowbit.native import cpu_name
 
     base, samples, data = setup(args)
     rows = []
@@ -93,12 +92,22 @@ def learned(args) -> str:
             rows.append((scheme, method, r, secs))
             print(scheme, method, r, f"{secs:.0f} s", flush=True)
             del q
+        body = learned_table(args, data, rows)  # written after each scheme: a run cut short keeps what it measured
+        write_section(args.out, f"learned-{args.model}", body)
+    return body
+
+
+def learned_table(args, data, rows) -> str:
+    from lowbit.native import cpu_name
+
     lines = ["## Learned rounding vs GPTQ and AWQ (off-grid model)", "",
              f"`benchmarks/learned_qat.py learned --model {args.model} --schemes {args.schemes} --steps {args.steps}` on "
              f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
              f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
              f"Wikipedia articles, mean KLD and top-1 against the F32 model on 16 x 256 other Wikipedia tokens. "
-             f"`learned`: {args.steps} signSGD steps per block, batch 4 windows.", "",
+             f"`learned`: {args.steps} signSGD steps per block, batch 4 windows, targets the float model's activations."
+             + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
+                f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
     for scheme, method, r, secs in rows:
         g = next(x[2]["kld"] for x in rows if x[0] == scheme and x[1] == "gptq")
@@ -171,9 +180,12 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    body = learned(args) if args.part == "learned" else qat_part(args)
+    if args.part == "learned":
+        print(learned(args))  # writes its section itself, scheme by scheme
+        return
+    body = qat_part(args)
     print(body)
-    write_section(args.out, f"{args.part}-{args.model}", body)
+    write_section(args.out, f"qat-{args.model}", body)
 
 
 if __name__ == "__main__":

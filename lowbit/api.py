@@ -204,8 +204,10 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
                         seq_len=ev.get("seq_len"), context=ev.get("context"), kv_cache=kv_cache, structured_file=sfile)
     check_user_files(files, sfile)
     base, cand = load_pair(baseline, candidate, say)
-    # --quick: a smoke-sized latency run (4 measured requests of 16 new tokens after 1 warm-up), unless the spec says
-    cfg = BenchConfig(**{**({"requests": 4, "warmup": 1, "output_tokens": 16} if quick else {}), **sp.section("bench")})
+    # --quick: a smoke-sized latency run (4 measured requests of 32-96 prompt tokens and 16 new tokens after 1
+    # warm-up), unless the spec says otherwise
+    cfg = BenchConfig(**{**({"requests": 4, "warmup": 1, "prompt_tokens": 64, "output_tokens": 16} if quick else {}),
+                         **sp.section("bench")})
     held = held_error = None
     if "rss_reduction_pct" in sp.section("memory"):  # fresh processes, left to run beside the evaluation
         from lowbit.benchmark.latency import HeldMemory

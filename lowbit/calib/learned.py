@@ -4,21 +4,27 @@ EfficientQAT's block-wise training of the quantization parameters).
 Round-to-nearest picks each weight's code alone. Here, for every quantized Linear of a decoder block,
 a rounding offset V per weight (in [-0.5, 0.5]: up or down from nearest) and a shrink factor for the
 minimum and the maximum of every group's range (in [MIN_SHRINK, 1]) are learned so that the block's
-output on the calibration activations matches the float block's:
+output on the calibration activations matches the float model's:
 
     q     = clamp(round(w / s + V) + z, qmin, qmax)          s, z from the group's shrunk [min, max]
-    loss  = mean((block_q(x) - block_float(x))**2)
+    loss  = mean((block_q(x_q) - block_float(x_f))**2)
+
+where x_q is the block's input in the model quantized so far and x_f its input in the float model. As in
+AutoRound, the target is the float model's activation, not the float block run on the quantized input
+(GPTQ's target), so each block also learns to cancel the error the blocks before it left. The loop keeps
+both streams of activations (twice the activations' memory).
 
 The rounding is made differentiable by the straight-through estimator (round's gradient taken as 1),
 and the parameters move by the sign of their gradient (signSGD, learning rate decayed linearly to
 zero), a few hundred steps per block on mini-batches of the calibration windows. Then the weights are
 rounded once, in the format's exact storage (the same codes, scales and zero points as any other
 method: same artifact, same kernels), and the quantized block's outputs become the next block's
-inputs, as GPTQ does. The result is kept only if its loss on held-back windows is below round to
-nearest's (else that Linear set falls back to RTN, recorded).
+inputs, as GPTQ does (the float block's outputs become the next float inputs). The result is kept only
+if its loss on held-back windows is below round to nearest's (else that Linear set falls back to RTN,
+recorded).
 
-Memory: the block's float outputs on the calibration windows (as large as its inputs, which the loop
-already holds) and one copy of the block's weights' parameters: bounded like the other methods.
+Memory: the float model's activations beside the quantized ones (as large as the inputs the loop already
+holds) and one copy of the block's weights' parameters: bounded like the other methods.
 """
 
 from __future__ import annotations
@@ -137,12 +143,16 @@ def _loss(layer, xs, ys, kwargs, device, idx) -> torch.Tensor:
 
 
 def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec], xs: list[torch.Tensor],
-                kwargs: dict, device, options: LearnOptions, say=None) -> tuple[dict[str, QTensor], dict]:
-    """Learn the rounding of `linears` (name -> Linear of `layer`) against the float block's outputs on
-    xs; returns (name -> QTensor in the format's storage, a record of losses and time)."""
+                kwargs: dict, device, options: LearnOptions, say=None,
+                xs_float: list[torch.Tensor] | None = None) -> tuple[dict[str, QTensor], dict, list[torch.Tensor]]:
+    """Learn the rounding of `linears` (name -> Linear of `layer`) on the inputs xs (the quantized blocks'
+    outputs so far). The targets are the float block's outputs on xs_float, the float model's own inputs
+    to this block (None: on xs), so the block also learns to undo the error the blocks before it left
+    (AutoRound's choice; GPTQ's targets are the float layer on the quantized inputs). Returns (name ->
+    QTensor in the format's storage, a record of losses and time, the targets: the next block's xs_float)."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        ys = [_block_out(layer(x.to(device), **kwargs)).to("cpu") for x in xs]
+        ys = [_block_out(layer(x.to(device), **kwargs)).to("cpu", x.dtype) for x in (xs_float or xs)]
     rng = torch.Generator().manual_seed(options.seed)
     n = len(xs)
     held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]  # held back to judge the result
@@ -178,5 +188,5 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     keep = math.isfinite(loss_learned) and loss_learned <= loss_rtn
     out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
     record = {"loss_rtn": loss_rtn, "loss_learned": loss_learned, "kept": keep, "steps": options.steps,
-              "seconds": round(time.perf_counter() - t0, 1)}
-    return out, record
+              "target": "float model" if xs_float is not None else "float block", "seconds": round(time.perf_counter() - t0, 1)}
+    return out, record, ys

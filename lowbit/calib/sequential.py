@@ -264,6 +264,8 @@ class _BlockLoop:
         for i, layer in enumerate(real):
             layers[i] = layer
         self.xs = [x.to(self.dtype) for x in store["inputs"]]  # samples x (1, seq, hidden), on the CPU
+        # learned rounding: the float model's own inputs to each block as well, for its targets (see learned.py)
+        self.xs_float = list(self.xs) if self.method == "learned" else None
         self.block_kwargs = store["kwargs"]
         if self.source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
             _offload(model, self.early)
@@ -296,9 +298,10 @@ class _BlockLoop:
                     progress(f"block {bi}: learning the rounding ({options.learn_steps} steps)", bi, self.n_blocks)
                 specs = {n: by_name[bprefix + n].spec for n in linears}
                 with torch.enable_grad():
-                    learned_qt, rec = learned.learn_block(
+                    learned_qt, rec, self.xs_float = learned.learn_block(
                         layer, linears, specs, xs, kwargs, device,
-                        learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch))
+                        learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch),
+                        xs_float=self.xs_float)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:
                     self.records["fallbacks"] += [bprefix + n for n in linears]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import threading
 import warnings
 
 import torch
@@ -229,14 +230,35 @@ def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> t
     return native.int4_mm(x2, p["w"], p["p"], plan.group, out_features, plan.center)
 
 
+# The float weight a many-row product makes is written into one buffer per thread, reused call after
+# call, instead of a fresh allocation: a fresh multi-megabyte tensor is new pages from the OS every time
+# (page faults that made INT8 prefill slower than FP32's). Weights over SCRATCH_MAX floats, and calls
+# that autograd may need to replay (the buffer would be overwritten), allocate as before.
+SCRATCH_MAX = 1 << 24  # floats (64 MiB)
+_scratch = threading.local()
+
+
+def _weight_buffer(x2: torch.Tensor, numel: int) -> torch.Tensor | None:
+    if numel > SCRATCH_MAX or (torch.is_grad_enabled() and x2.requires_grad):
+        return None
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel)
+    return buf[:numel]
+
+
 def _dequantized_gemm(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> torch.Tensor:
     """Many rows (prefill, whole-sequence evaluation), or no native code: float32 weights made once per
     call, then one float GEMM, so long inputs keep float activations (native.DEQUANT_ROWS says why there)."""
     x2 = x2.float()
     if plan.name == "int8pack":
-        return torch.mm(x2, p["w"].t().float()) * p["s"]
+        w = p["w"]
+        buf = _weight_buffer(x2, w.numel())
+        wf = w.t().float() if buf is None else buf.view(w.shape).copy_(w).t()
+        return torch.mm(x2, wf) * p["s"]
     if native.available():
-        return torch.mm(x2, native.int4_dequant_t(p["w"], p["p"], plan.group, out_features))
+        buf = _weight_buffer(x2, out_features * x2.shape[1])
+        return torch.mm(x2, native.int4_dequant_t(p["w"], p["p"], plan.group, out_features, out=buf))
     return torch.mm(x2, layout.q4_weight(p["w"], p["p"], out_features, x2.shape[1], plan.group).t())
 
 

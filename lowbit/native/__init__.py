@@ -384,12 +384,15 @@ def _check_q4(w: torch.Tensor, p: torch.Tensor, N: int, K: int, group: int) -> N
 
 
 def int4_dequant_t(w: torch.Tensor, p: torch.Tensor, group: int, out_features: int,
-                   lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """The float32 weight, transposed (K, N), of a q4 weight (for many-row products)."""
+                   lib: ctypes.CDLL | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight, transposed (K, N), of a q4 weight (for many-row products); written into out
+    (a contiguous float32 buffer of K * N elements) when given."""
     lib = lib or _lib()
     N, K = out_features, w.shape[1] // 16
     _check_q4(w, p, N, K, group)
-    wt = torch.empty(K, N)
+    if out is not None and (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != K * N):
+        raise RuntimeError(f"native int4 dequantize: out must be a contiguous float32 buffer of {K * N} elements")
+    wt = torch.empty(K, N) if out is None else out.view(K, N)
     if lib.lb_q4_dequant_t(w.data_ptr(), p.data_ptr(), int(p.dtype == torch.float32), N, K, group, wt.data_ptr(), threads()):
         raise RuntimeError(f"native int4 dequantize refused shape ({N}, {K}), group {group}")
     return wt

@@ -16,6 +16,20 @@ from tests.conftest import make_tiny_llama, make_tokenizer
 FAST = CalibOptions(learn_steps=30, learn_batch=2)
 
 
+def _layer0_kwargs(model, seq: int) -> dict:
+    """The keyword arguments (rotary tables, mask) the model passes its first block, captured by a hook."""
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    h = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 200, (1, seq)), use_cache=False)
+    h.remove()
+    return seen["kwargs"]
+
+
 def test_the_stored_weight_is_the_learned_weight():
     """After learning, the fake-quantized weight the loss saw and the stored QTensor dequantize to the same
     values (up to the scales' float16 storage), for the three integer zero domains."""
@@ -75,19 +89,33 @@ def test_windows_go_through_the_block_as_one_batch_with_the_same_loss():
     broadcast) equals the mean of the windows' own losses."""
     torch.manual_seed(0)
     model = make_tiny_llama()
-    layer = model.model.layers[0]
-    seen = {}
-
-    def grab(mod, args, kwargs):
-        seen.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(torch.randint(0, 200, (1, 24)), use_cache=False)
-    h.remove()
+    layer, kwargs = model.model.layers[0], _layer0_kwargs(model, 24)
     xs = [torch.randn(1, 24, model.config.hidden_size) for _ in range(3)]
     ys = [torch.randn(1, 24, model.config.hidden_size) for _ in range(3)]
     with torch.no_grad():
-        batched = learned._loss(layer, xs, ys, seen["kwargs"], "cpu", [0, 1, 2])
-        alone = sum(learned._loss(layer, xs, ys, seen["kwargs"], "cpu", [i]) for i in range(3)) / 3
+        batched = learned._loss(layer, xs, ys, kwargs, "cpu", [0, 1, 2])
+        alone = sum(learned._loss(layer, xs, ys, kwargs, "cpu", [i]) for i in range(3)) / 3
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_targets_are_the_float_models_activations_not_the_float_block_on_quantized_inputs():
+    """With xs_float given, the loss's targets (returned as the next block's float inputs) are the float
+    block run on xs_float, and the block loop records that target for every block."""
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    layer, kwargs = model.model.layers[0], _layer0_kwargs(model, 16)
+    hidden = model.config.hidden_size
+    xs, xs_float = ([torch.randn(1, 16, hidden) for _ in range(4)] for _ in range(2))
+    with torch.no_grad():
+        want = [learned._block_out(layer(x, **kwargs)) for x in xs_float]
+    linears = {"mlp.down_proj": layer.mlp.down_proj}
+    spec = QuantSpec(kind="int", bits=4, granularity="group", group_size=32)
+    with torch.enable_grad():
+        _, rec, targets = learned.learn_block(layer, linears, {"mlp.down_proj": spec}, xs, kwargs, "cpu",
+                                              learned.LearnOptions(steps=3, batch=2), xs_float=xs_float)
+    for got, w in zip(targets, want):
+        torch.testing.assert_close(got, w)
+    assert rec["target"] == "float model"
+    data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
+    q = in_memory(W4, "learned", data, FAST)
+    assert {b["target"] for b in q.calibration["learned_blocks"].values()} == {"float model"}

@@ -402,3 +402,30 @@ def test_concurrent_decode_loops_restore_the_thread_setting():
     assert torch.get_num_threads() == 1
     b.__exit__(None, None, None)
     assert torch.get_num_threads() == before and native._threads is None
+
+
+def test_many_row_products_reuse_one_weight_buffer_with_the_same_result(monkeypatch):
+    """The float weight of a many-row product is written into a per-thread buffer reused across calls:
+    the same floats as a fresh tensor, for both kernels; calls that autograd may replay, and weights over
+    SCRATCH_MAX, get their own tensor (a buffer overwritten later would corrupt the saved weight)."""
+    from lowbit.model import kernels
+
+    N, K, G = 96, 256, 64
+    _, _, w4, p4, g = _random_q4(11, N, K, G, 0.05)
+    w8, s8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, generator=g) * 0.01
+    x = torch.randn(native.DEQUANT_ROWS + 3, K, generator=g)
+    plans = {"int8pack": (kernels.KernelPlan("int8pack", True, ""), {"w": w8, "s": s8}),
+             "int4pack": (kernels.KernelPlan("int4pack", True, "", group=G), {"w": w4, "p": p4})}
+    for name, (plan, p) in plans.items():
+        monkeypatch.setattr(kernels, "SCRATCH_MAX", 0)
+        fresh = kernels._dequantized_gemm(plan, p, x, N)
+        monkeypatch.setattr(kernels, "SCRATCH_MAX", 1 << 24)
+        with torch.no_grad():
+            first, again = kernels._dequantized_gemm(plan, p, x, N), kernels._dequantized_gemm(plan, p, x * 2, N)
+        assert torch.equal(first, fresh) and torch.equal(again, kernels._dequantized_gemm(plan, p, x * 2, N)), name
+        assert kernels._scratch.buf.numel() >= N * K
+        xg = x.clone().requires_grad_(True)
+        assert kernels._weight_buffer(xg, N * K) is None and kernels._weight_buffer(x, (1 << 24) + 1) is None
+        kernels._dequantized_gemm(plan, p, xg, N).sum().backward()
+        w_eff = kernels._dequantized_gemm(plan, p, torch.eye(K), N).t()  # (N, K): the weight the product used
+        torch.testing.assert_close(xg.grad, torch.ones(x.shape[0], N) @ w_eff)

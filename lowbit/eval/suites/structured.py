@@ -185,7 +185,7 @@ def load_samples(path) -> list[dict]:
 @torch.no_grad()
 def run(baseline, candidate, quick: bool = False, n: int | None = None, seed: int = 0, file=None) -> SuiteResult:
     tok = baseline.tokenizer
-    n_each = n or (3 if quick else 8)
+    n_each = n or (2 if quick else 8)
     templated = bool(getattr(tok, "chat_template", None))
     if file is not None:  # the user's own prompts and answers replace the built-in ones
         samples = load_samples(file)

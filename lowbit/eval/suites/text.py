@@ -69,7 +69,7 @@ def jargon_mask(text: str, offsets: list[tuple[int, int]], vocab: frozenset[str]
 def jargon(baseline, candidate, quick: bool = False, n: int = 8, seq_len: int = 256) -> SuiteResult:
     source, docs = python_docs()
     rng = random.Random(0)
-    docs = rng.sample(docs, min(len(docs), 4 if quick else n))
+    docs = rng.sample(docs, min(len(docs), 3 if quick else n))
     vocab = common_words()
     tok = baseline.tokenizer
     stats = {k: {"baseline": [0, 0], "candidate": [0, 0]} for k in ("jargon", "common")}  # [correct, total]
