@@ -210,10 +210,9 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
                          **sp.section("bench")})
     held = held_error = None
     if "rss_reduction_pct" in sp.section("memory"):  # fresh processes, left to run beside the evaluation
-        from lowbit.benchmark.latency import HeldMemory
-
         from dataclasses import asdict
 
+        from lowbit.benchmark.latency import HeldMemory
         from lowbit.eval import basecache
 
         say("process memory (a fresh process per model, beside the evaluation)")

@@ -24,6 +24,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -350,20 +351,36 @@ def max_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports kilobytes, macOS bytes
 
 
-def _rss_proc(model_path: str | None, config: BenchConfig, text: str = "", recipe: dict | None = None):
+def _rss_proc(model_path: str | None, config: BenchConfig, text: str = "", recipe: dict | None = None,
+              nice: int = 0):
+    # the caller's thread count: what a process holds depends on it (a one-thread child measured the float
+    # model 50 MB closer to a 4-bit one than a two-thread child did)
     job = {"path": model_path, "recipe": recipe, "config": asdict(config), "text": text[:20_000],
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "nice": nice}
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # so the child imports this lowbit even if not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "from lowbit.benchmark.latency import _rss_child; _rss_child()"
+    # The job goes in now and stdin is closed, so the child works while the caller does other things
+    # (HeldMemory); its stderr (progress bars, warnings) goes to a file, which never fills as a pipe would.
+    err = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    return proc, json.dumps(job)
+                            stderr=err, text=True, env=env)
+    try:
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+    except OSError:  # the child died at start: result() reports its exit status and stderr
+        pass
+    return proc, err
 
 
-def _rss_result(model_path: str | None, proc, job: str) -> dict:
-    out, err = proc.communicate(job)
+def _rss_result(model_path: str | None, proc, err_file) -> dict:
+    out = proc.stdout.read()  # stdin was closed at the start (_rss_proc); stderr is a file
+    proc.stdout.close()
+    proc.wait()
+    err_file.seek(0)
+    err = err_file.read()
+    err_file.close()
     if proc.returncode != 0:
         raise LowbitError(f"memory of model '{model_path}': the measuring subprocess failed "
                           f"(exit {proc.returncode}): {err.strip()[-800:]}")
@@ -407,7 +424,8 @@ class HeldMemory:
                     path, recipe = str(save_artifact(ld, Path(self._tmp.name) / side)), None
                 else:
                     path, recipe = rss_target(ld)
-                self.procs[side] = (path, *_rss_proc(path, config, text, recipe))
+                # at a lower priority: the caller's evaluation keeps the cores, the child takes what is idle
+                self.procs[side] = (path, *_rss_proc(path, config, text, recipe, nice=10))
         except BaseException:
             self.close()
             raise
@@ -419,10 +437,11 @@ class HeldMemory:
             self.close()
 
     def close(self) -> None:
-        for _, proc, _ in self.procs.values():
+        for _, proc, err in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            err.close()
         self._tmp.cleanup()
 
 
@@ -434,6 +453,8 @@ def held_memory_pair(baseline: Model, candidate: Model, text: str, config: Bench
 def _rss_child() -> None:
     """Entry point of the subprocess started by peak_rss_subprocess (reads its job as JSON on stdin)."""
     job = json.load(sys.stdin)
+    if job.get("nice"):  # beside other work (HeldMemory): it yields the cores; what it holds does not change
+        os.nice(job["nice"])
     torch.set_num_threads(job["threads"])
     from lowbit.model.load import load_model
     import importlib

@@ -233,3 +233,26 @@ def test_held_memory_pair_measures_each_model_in_its_own_process(tmp_path):
         in_mem = lowbit.quantize(lowbit.load(str(tmp_path / "fp")), "w4-g32")
     again = latency.held_memory_pair(fp, in_mem, TEXT, cfg)
     assert abs(again["candidate"]["rss_bytes"] - got["candidate"]["rss_bytes"]) < 30 * 2**20
+
+
+@pytest.mark.slow  # a fresh Python process
+def test_held_memory_children_work_before_the_result_is_asked_for(tiny_dir):
+    """The job reaches the child when it starts (stdin written and closed), so the measurement runs beside
+    the caller's work: the child finishes on its own while nobody waits on it, and result() then only
+    reads what it printed. A child that fails reports its stderr, kept in a file (never a full pipe)."""
+    import time
+
+    import lowbit
+
+    cfg = BenchConfig(prompt_tokens=12, output_tokens=4)
+    model = lowbit.load(str(tiny_dir))
+    held = latency.HeldMemory(model, model, TEXT, cfg, known={"baseline": {"rss_bytes": 1, "peak_rss_bytes": 1}})
+    (_, proc, _), = held.procs.values()
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.returncode == 0  # done without result() having been called
+    got = held.result()
+    assert got["baseline"]["rss_bytes"] == 1 and got["candidate"]["rss_bytes"] > 50 * 2**20
+    with pytest.raises(LowbitError, match="measuring subprocess failed"):
+        latency.process_memory(str(tiny_dir / "no-such-model"), cfg)
