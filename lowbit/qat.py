@@ -113,13 +113,12 @@ def _no_fake_quant(spec) -> bool:
 
 
 def check_recipe(recipe) -> None:
-    """Refuse, before any model loads, a recipe whose scheme or an override has no fake quantizer here."""
-    for where, spec in [("scheme", recipe.scheme)] + [(f"overrides[{i}] ({o.match})", o.scheme)
-                                                       for i, o in enumerate(recipe.overrides)]:
-        if spec is not None and _no_fake_quant(spec):
-            raise LowbitError(f"qat --recipe {recipe.name}: field '{where}' has format {spec.label}, which has no fake "
-                              f"quantizer here (weight-only int, NF4 and FP8 formats have); fix: a weight-only recipe "
-                              f"such as w4-g128")
+    """Refuse, before any model loads, a recipe whose scheme has no fake quantizer here. Overrides are
+    judged by trainable(), on the block modules they actually match (one for the head may be anything)."""
+    if _no_fake_quant(recipe.scheme):
+        raise LowbitError(f"qat --recipe {recipe.name}: field 'scheme' has format {recipe.scheme.label}, which has no "
+                          f"fake quantizer here (weight-only int, NF4 and FP8 formats have); fix: a weight-only recipe "
+                          f"such as w4-g128")
 
 
 def trainable(student: nn.Module, recipe) -> dict[str, tuple[nn.Linear, object]]:

@@ -103,6 +103,13 @@ def test_a_recipe_without_fake_quantizer_is_refused_before_any_model_loads(tmp_p
     """The baseline path does not exist: the recipe's refusal comes first, naming the field."""
     with pytest.raises(LowbitError, match=r"w8a8-dynamic: field 'scheme' .*no fake quantizer.*fix: a weight-only"):
         qat.train(str(tmp_path / "no-such-model"), "w8a8-dynamic", tmp_path / "q", _cfg())
+    # an override is judged on the block modules it matches (by trainable), not up front: one for the head passes
+    import dataclasses
+
+    from lowbit.recipe import PRESETS, Override
+
+    w4 = PRESETS["w4-g128"]
+    qat.check_recipe(dataclasses.replace(w4, overrides=(Override("lm_head", PRESETS["w8a8-dynamic"].scheme),)))
 
 
 def test_a_quantized_baseline_and_an_existing_out_are_refused(tmp_path):

@@ -409,8 +409,6 @@ class HeldMemory:
     def __init__(self, baseline: Model, candidate: Model, text: str, config: BenchConfig,
                  known: dict | None = None) -> None:
         """known: sides already measured (the baseline's, from the cache): not run again."""
-        import tempfile
-
         from lowbit.model.artifact import save_artifact
 
         self._tmp = tempfile.TemporaryDirectory(prefix="lowbit-rss-")

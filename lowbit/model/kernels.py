@@ -120,7 +120,8 @@ def native_layout(p: dict) -> bool:
 
 def int8dyn_native(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (rows, cols), scales float32 (rows)) of a prepacked int8dyn weight, for the native
-    int8 kernel: unpacked from the prepacked GEMM weight on first use (decode) and kept beside it.
+    int8 kernel: kept beside the prepacked GEMM weight since packing (read back from it for modules packed
+    by an older lowbit).
 
     Few rows (decode) run faster on the native kernel than on the prepacked GEMM: W8A8 SmoothQuant
     decoded at 2.8-3.1x FP32 in benchmarks/gate_guard.py's run, where docs/BENCHMARKS.md's older
@@ -231,9 +232,9 @@ def _native(plan: KernelPlan, p: dict, x2: torch.Tensor, out_features: int) -> t
 
 
 # The float weight a many-row product makes is written into one buffer per thread, reused call after
-# call, instead of a fresh allocation: a fresh multi-megabyte tensor is new pages from the OS every time
-# (page faults that made INT8 prefill slower than FP32's). Weights over SCRATCH_MAX floats, and calls
-# that autograd may need to replay (the buffer would be overwritten), allocate as before.
+# call, instead of a fresh allocation each time (fresh multi-megabyte tensors are fresh pages to fault
+# in; the cast itself stays). Weights over SCRATCH_MAX floats,
+# and calls that autograd may need to replay (the buffer would be overwritten), allocate as before.
 SCRATCH_MAX = 1 << 24  # floats (64 MiB)
 _scratch = threading.local()
 
