@@ -89,6 +89,12 @@ def learned(args) -> str:
             q = api.quantize(fresh(base), recipe(scheme), calib=calib)
             secs = time.perf_counter() - t0
             r = kld(base, q, samples)
+            if method == "learned":  # overfitting shows as a training loss far under the held-back one
+                blocks = [b for b in q.calibration["learned_blocks"].values() if "loss_learned" in b]
+                r["blocks"] = {k: sum(b[k] for b in blocks) / len(blocks)
+                               for k in ("loss_start", "loss_learned", "loss_train_first", "loss_train_last")}
+                r["kept"] = sum(b["kept"] for b in blocks)
+                r["n_blocks"] = len(blocks)
             rows.append((scheme, method, r, secs))
             print(scheme, method, r, f"{secs:.0f} s", flush=True)
             del q
@@ -105,13 +111,24 @@ def learned_table(args, data, rows) -> str:
              f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
              f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
              f"Wikipedia articles, mean KLD and top-1 against the F32 model on 16 x 256 other Wikipedia tokens. "
-             f"`learned`: {args.steps} signSGD steps per block, batch 4 windows, targets the float model's activations."
+             f"`learned`: {args.steps} signSGD steps per block (learning rate 2/steps, decayed to 0), batch 4 windows, "
+             f"started from round to nearest, targets the float model's activations."
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
     for scheme, method, r, secs in rows:
         g = next(x[2]["kld"] for x in rows if x[0] == scheme and x[1] == "gptq")
         lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
+    notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
+    if notes:
+        lines += ["", "Learned rounding's block losses (MSE against the float model's activations, mean over blocks): "
+                  "on the held-back windows at the start (round to nearest) and after learning; on the training "
+                  "batches over the first and the last 10 steps."]
+        for scheme, r in notes:
+            b = r["blocks"]
+            lines.append(f"- {scheme}: held-back {b['loss_start']:.4f} -> {b['loss_learned']:.4f}; training "
+                         f"{b['loss_train_first']:.4f} -> {b['loss_train_last']:.4f}; learned result kept in "
+                         f"{r['kept']} of {r['n_blocks']} blocks.")
     return "\n".join(lines)
 
 

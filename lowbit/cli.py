@@ -73,7 +73,7 @@ def quantize(
     method: Optional[str] = typer.Option(None, "--method",
         help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, awq-gptq (AWQ scales, then GPTQ rounding), "
              "smoothquant (W8A8 recipes), or learned (rounding offsets and group ranges learned block by block "
-             "against the float block's outputs; --learn-steps). "
+             "against the float model's activations; --learn-steps, --learn-init). "
              "Default: the recipe's algorithm, or gptq when --calib is given."),
     calib: Optional[str] = typer.Option(None, "--calib",
         help="Calibration prompts: a .txt file, a .jsonl file (a 'text' field or chat 'messages'), or a built-in "
@@ -84,6 +84,10 @@ def quantize(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: quantize important columns first."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="SmoothQuant migration strength."),
     learn_steps: int = typer.Option(200, "--learn-steps", min=1, max=100_000, help="--method learned: signSGD steps per block."),
+    learn_init: str = typer.Option("rtn", "--learn-init",
+        help="--method learned: start from round to nearest (rtn; offsets and ranges learned) or from GPTQ's "
+             "rounding (gptq; offsets only, and GPTQ's result kept wherever learning does not lower the held-back "
+             "loss)."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 
@@ -102,7 +106,8 @@ def quantize(
         rec = replace(rec, algorithm="rtn")
     elif method or calib or rec.algorithm != "rtn":
         cfg = CalibConfig(method=method, data=calib or "mix", samples=samples, seq_len=seq_len, damp=damp,
-                          act_order=act_order, alpha=alpha, learn_steps=learn_steps)
+                          act_order=act_order, alpha=alpha, learn_steps=learn_steps,
+                          learn_init=learn_init)
     method = method_for(rec, cfg)
     _quiet_transformers()
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def method_for(recipe: Recipe, calib: CalibConfig | None) -> str:
 def calibrate(model: Model, recipe: Recipe, calib: CalibConfig, progress=None) -> Model:
     """Quantize a model already in memory, block by block (in place; returns the handle)."""
     method = method_for(recipe, calib)
-    check_method(method, recipe)
+    check_method(method, recipe, calib.options())
     tok = model.need_tokenizer("quantize with calibration")
     data = calib.data if isinstance(calib.data, CalibData) else load_calibration(calib.data, tok, calib.samples, calib.seq_len)
     done = quantize_sequential(model.module, recipe, method, data, None, calib.options(), progress)
@@ -68,7 +68,7 @@ def calibrate_checkpoint(name_or_path: str | Path, recipe: Recipe, calib: CalibC
     kernels' layout is the highest point of memory otherwise.
     """
     method = method_for(recipe, calib)
-    check_method(method, recipe)
+    check_method(method, recipe, calib.options())
     if out is not None:
         prepare_out_dir(Path(out), force)
     src = sources.resolve(name_or_path)

@@ -156,7 +156,8 @@ def factorise(H: torch.Tensor, damp: float, act_order: bool, device=None, consum
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False, factors: dict | None = None, consume: bool = False) -> QTensor:
+                  act_order: bool = False, factors: dict | None = None, consume: bool = False,
+                  return_updated: bool = False) -> QTensor | tuple[QTensor, torch.Tensor]:
     """GPTQ-quantize w (out, in) against Hessian H (in, in); returns an int QTensor.
 
     act_order: quantize columns in order of decreasing diag(H) (most important first). With group-wise
@@ -165,6 +166,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     factors: a dict kept with H by the caller; the factorisation is computed once into it and reused
     by every Linear quantized against the same H.
     consume: this is H's last use; its storage is reused for the factorisation (H is overwritten).
+    return_updated: also return the weights as GPTQ rounded them, each column with the error of the
+    columns before it spread in ((out, in) float, stored column order): rounding them to nearest on the
+    returned scales gives the returned codes (learned rounding starts from them).
     """
     if spec.kind != "int":
         raise ValueError(f"GPTQ needs an integer format, got {spec.kind}")
@@ -190,12 +194,13 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     else:
         scales, zeros = [], []
     Q = torch.zeros(rows, cols, dtype=torch.int16, device=W.device)  # codes, stored column order
+    seen = torch.empty(rows, cols, dtype=torch.float32, device=W.device) if return_updated else None
     threads = torch.get_num_threads()
     if W.device.type == "cpu":  # thousands of small ops: extra threads cost more than they give
         torch.set_num_threads(1)
     try:
         _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale if group is None else None,
-                     col_zero if group is None else None)
+                     col_zero if group is None else None, seen)
     finally:
         torch.set_num_threads(threads)
     q_dtype = torch.int8 if spec.symmetric else torch.uint8
@@ -205,17 +210,22 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     if perm is not None and group is None:  # one scale per row: undo the order, no perm needed at run time
         inv = torch.argsort(perm)
         codes, perm = codes[:, inv], None
-    return int_qtensor(spec, codes, scale.cpu(), None if zero is None else zero.cpu(),
-                       None if perm is None else perm.cpu())
+    qt = int_qtensor(spec, codes, scale.cpu(), None if zero is None else zero.cpu(),
+                     None if perm is None else perm.cpu())
+    if not return_updated:
+        return qt
+    if perm is not None and group is None:
+        seen = seen[:, inv]
+    return qt, seen.cpu()
 
 
-def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, col_zero) -> None:
+def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, col_zero, seen=None) -> None:
     """Quantize W's columns in place order into Q, spreading each column's error over the later ones.
 
     Each column is rounded by affine's round_to_grid / grid_values, the rule affine.quantize /
     affine.dequantize apply, called directly on (out,) vectors with the group's parameters converted
     to float once: a few ops per column instead of a few dozen (this loop runs once per input column
-    of every layer)."""
+    of every layer). seen: if given, receives each column as it was rounded (after the updates)."""
     rows, cols = W.shape
     qmin, qmax = affine.qrange(cspec.bits, cspec.symmetric)
     params = None if col_scale is None else _column_params(col_scale, col_zero)
@@ -236,6 +246,8 @@ def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, co
                 params = _column_params(col_scale, col_zero)
             s, z, m = params
             col = W1[:, i]  # (out,)
+            if seen is not None:
+                seen[:, c] = col
             q = affine.round_to_grid(col, s, qmin, qmax, zero=z, offset=m)  # float codes
             dq = affine.grid_values(q, s, zero=z, offset=m)
             Q[:, c] = q

@@ -49,7 +49,7 @@ MIN_SHRINK = 0.5
 @dataclass
 class LearnOptions:
     steps: int = 200  # signSGD steps per block
-    lr: float | None = None  # None: 1 / steps (AutoRound's default)
+    lr: float | None = None  # None: 2 / steps (twice AutoRound's default: measured better here, see docs/qat.md)
     batch: int = 4  # calibration windows per step
     seed: int = 0
 
@@ -61,18 +61,31 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class _Rounding:
     """One Linear's learnable rounding: offsets V, range shrink factors, and the fake-quantized weight."""
 
-    def __init__(self, w: torch.Tensor, spec: QuantSpec) -> None:
+    def __init__(self, w: torch.Tensor, spec: QuantSpec, init: tuple[QTensor, torch.Tensor] | None = None) -> None:
+        """init: start from GPTQ's (QTensor, weights as it rounded them, in its stored column order): those
+        weights are learned around, on its scales and zero points, so V = 0 reproduces its codes exactly
+        and V moves a code to the other neighbour of GPTQ's compensated weight. None: start from w, round
+        to nearest on each group's full range."""
         self.spec = spec
-        self.w = w.detach().float()
-        self.g = affine.as_groups(self.w, spec)  # (rows, n_groups, gs)
-        self.lo0, self.hi0 = self.g.amin(-1), self.g.amax(-1)
+        self.init = None if init is None else init[0]
+        self.perm = None if init is None or "perm" not in init[0].tensors else init[0].tensors["perm"].long()
         self.qmin, self.qmax = affine.qrange(spec.bits, spec.symmetric)
+        if init is None:
+            self.w = w.detach().float()
+            self.g = affine.as_groups(self.w, spec)  # (rows, n_groups, gs)
+            self.lo0, self.hi0 = self.g.amin(-1), self.g.amax(-1)
+        else:
+            self.w = init[1].float()  # stored order: groups run along it
+            self.g = affine.as_groups(self.w, spec)
+            self.lo0, self.hi0 = _range_of(init[0], spec, self.qmax)
         self.V = torch.zeros_like(self.g, requires_grad=True)
         self.a_lo = torch.ones_like(self.lo0, requires_grad=True)
         self.a_hi = torch.ones_like(self.hi0, requires_grad=True)
 
     def params(self) -> list[torch.Tensor]:
-        return [self.V, self.a_lo, self.a_hi]
+        """What is learned: the offsets and, started from round to nearest, the range. GPTQ's weights sit
+        on the grid of its own scales; a moved range would re-round them all, undoing its compensation."""
+        return [self.V] if self.init is not None else [self.V, self.a_lo, self.a_hi]
 
     def clamp_(self) -> None:
         with torch.no_grad():
@@ -100,11 +113,17 @@ class _Rounding:
             s = ((hi - lo) / qmax).clamp(min=tiny).unsqueeze(-1)
             z = torch.clamp(_round_ste(-lo.unsqueeze(-1) / s), qmin, qmax)
             out = (torch.clamp(_round_ste(g / s + V) + z, qmin, qmax) - z) * s
-        return out.reshape(self.w.shape)
+        out = out.reshape(self.w.shape)
+        if self.perm is not None:  # back to the input order
+            out = out[:, torch.argsort(self.perm)]
+        return out
 
     def qtensor(self, learned: bool = True) -> QTensor:
         """The stored form: scales and zero points from the learned range in their storage dtype, and
-        codes round(w / s + V) (learned=False: round to nearest on the full range)."""
+        codes round(w / s + V) (learned=False: the starting point, round to nearest on the full range or
+        the init QTensor)."""
+        if not learned and self.init is not None:
+            return self.init
         with torch.no_grad():
             lo, hi = self._range() if learned else (self.lo0, self.hi0)
             scale, zero = affine.qparams_from_range(lo, hi, self.spec)
@@ -112,7 +131,24 @@ class _Rounding:
             if learned:  # w + V * s: quantize() then computes round(w / s + V) (+ z) in the format's own rule
                 x = self.g + self.V * scale.float().unsqueeze(-1)
             codes = affine.quantize(x.reshape(self.w.shape), scale, zero, self.spec)
-            return int_qtensor(self.spec, codes, scale, zero)
+            return int_qtensor(self.spec, codes, scale, zero, self.perm)
+
+
+def _range_of(qt: QTensor, spec: QuantSpec, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (lo, hi) that qparams_from_range turns back into qt's own scale and zero point."""
+    t = qt.tensors
+    s = t["scale"].float().reshape(t["scale"].shape[0], -1)
+    if spec.symmetric:
+        return -qmax * s, qmax * s
+    if spec.zero_domain == "float":
+        lo = t["offset"].float().reshape(s.shape)
+        return lo, lo + qmax * s
+    z = t["zero_point"].float().reshape(s.shape)
+    return -z * s, (qmax - z) * s
+
+
+def _mean(v: list[float]) -> float | None:
+    return sum(v) / len(v) if v else None
 
 
 def _patch(m: nn.Linear, r: _Rounding) -> None:
@@ -144,32 +180,40 @@ def _loss(layer, xs, ys, kwargs, device, idx) -> torch.Tensor:
 
 def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec], xs: list[torch.Tensor],
                 kwargs: dict, device, options: LearnOptions, say=None,
-                xs_float: list[torch.Tensor] | None = None) -> tuple[dict[str, QTensor], dict, list[torch.Tensor]]:
+                xs_float: list[torch.Tensor] | None = None,
+                init: dict[str, tuple[QTensor, torch.Tensor]] | None = None) -> tuple[dict[str, QTensor], dict, list[torch.Tensor]]:
     """Learn the rounding of `linears` (name -> Linear of `layer`) on the inputs xs (the quantized blocks'
     outputs so far). The targets are the float block's outputs on xs_float, the float model's own inputs
     to this block (None: on xs), so the block also learns to undo the error the blocks before it left
-    (AutoRound's choice; GPTQ's targets are the float layer on the quantized inputs). Returns (name ->
+    (AutoRound's choice; GPTQ's targets are the float layer on the quantized inputs). init: name ->
+    GPTQ's (QTensor, the weights it rounded) to start from (None or a missing name: round to nearest). Returns (name ->
     QTensor in the format's storage, a record of losses and time, the targets: the next block's xs_float)."""
     t0 = time.perf_counter()
     with torch.no_grad():
         ys = [_block_out(layer(x.to(device), **kwargs)).to("cpu", x.dtype) for x in (xs_float or xs)]
+    if not linears:  # a block the recipe keeps in float: nothing to learn, only the float stream moves on
+        return {}, {"steps": 0, "kept": True, "skipped": "no quantized Linear",
+                    "seconds": round(time.perf_counter() - t0, 1)}, ys
     rng = torch.Generator().manual_seed(options.seed)
     n = len(xs)
     held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]  # held back to judge the result
     train = [i for i in range(n) if i not in held] or held
-    roundings = {name: _Rounding(m.weight, specs[name]) for name, m in linears.items()}
+    init = init or {}
+    roundings = {name: _Rounding(m.weight, specs[name], init.get(name)) for name, m in linears.items()}
     for name, m in linears.items():
         m.weight.requires_grad_(False)
         _patch(m, roundings[name])
     params = [p for r in roundings.values() for p in r.params()]
-    lr0 = options.lr if options.lr is not None else 1.0 / max(options.steps, 1)
+    lr0 = options.lr if options.lr is not None else 2.0 / max(options.steps, 1)
+    trace: list[float] = []  # the training batches' losses
     try:
         with torch.no_grad():
-            loss_rtn = float(_loss(layer, xs, ys, kwargs, device, held))  # V = 0, full range: nearest rounding
+            loss_start = float(_loss(layer, xs, ys, kwargs, device, held))  # V = 0, full range: the starting point
         with torch.enable_grad():
             for step in range(options.steps):
                 batch = torch.randperm(len(train), generator=rng)[: options.batch].tolist()
                 loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch])
+                trace.append(float(loss.detach()))
                 for p in params:
                     p.grad = None
                 loss.backward()
@@ -185,8 +229,10 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     finally:
         for m in linears.values():
             _unpatch(m)
-    keep = math.isfinite(loss_learned) and loss_learned <= loss_rtn
+    keep = math.isfinite(loss_learned) and loss_learned <= loss_start
     out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
-    record = {"loss_rtn": loss_rtn, "loss_learned": loss_learned, "kept": keep, "steps": options.steps,
+    start = sorted({"gptq" if r.init is not None else "rtn" for r in roundings.values()})
+    record = {"start": "+".join(start), "loss_start": loss_start, "loss_learned": loss_learned, "kept": keep,
+              "steps": options.steps, "loss_train_first": _mean(trace[:10]), "loss_train_last": _mean(trace[-10:]),
               "target": "float model" if xs_float is not None else "float block", "seconds": round(time.perf_counter() - t0, 1)}
     return out, record, ys

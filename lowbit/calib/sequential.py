@@ -54,8 +54,9 @@ class CalibOptions:
     awq_tokens: int = 4096  # AWQ: activation rows kept per Linear for the searches
     clip_tokens: int = 512  # AWQ clipping search: rows of those used
     learn_steps: int = 200  # learned rounding: signSGD steps per block
-    learn_lr: float | None = None  # learned rounding: None: 1 / learn_steps
+    learn_lr: float | None = None  # learned rounding: None: 2 / learn_steps
     learn_batch: int = 4  # learned rounding: calibration windows per step
+    learn_init: str = "rtn"  # learned rounding: start from the nearest rounding ("rtn") or from GPTQ's ("gptq")
     device: str | None = None  # None: CUDA when present, else CPU
 
 
@@ -176,9 +177,14 @@ class LinearStats:
 
 
 # -- the loop ----------------------------------------------------------------------------------
-def check_method(method: str, recipe: Recipe) -> None:
+LEARN_INITS = ("rtn", "gptq")
+
+
+def check_method(method: str, recipe: Recipe, options: CalibOptions | None = None) -> None:
     if method not in METHODS:
         raise LowbitError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
+    if options is not None and options.learn_init not in LEARN_INITS:
+        raise LowbitError(f"--learn-init '{options.learn_init}' is unknown; use one of {', '.join(LEARN_INITS)}")
     if method != "rtn":
         kinds = {s.kind for s in [recipe.scheme, *(o.scheme for o in recipe.overrides if o.scheme)]}
         if kinds != {"int"}:
@@ -203,7 +209,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
     and each block's weights are read from it when the block's turn comes. kernels=False leaves the
     kernel choice (lowbit.model.qlinear.prepare_model) to the caller, e.g. after saving, so the
     artifact is written from the stored form without packing and unpacking every weight first."""
-    check_method(method, recipe)
+    check_method(method, recipe, options)
     t0 = time.perf_counter()
     loop = _BlockLoop(model, recipe, method, source, options, progress)
     loop.capture_inputs(data)
@@ -285,7 +291,8 @@ class _BlockLoop:
         for n, m in linears.items():
             check_finite(bprefix + n, m.weight.detach())
         keep = max(1, options.awq_tokens // len(xs)) if method in AWQ_SCALES else 0
-        stats = _collect(layer, linears, xs if forward else [], kwargs, device, method in GPTQ_ROUNDING, keep)
+        hessian = method in GPTQ_ROUNDING or (method == "learned" and options.learn_init == "gptq")
+        stats = _collect(layer, linears, xs if forward else [], kwargs, device, hessian, keep)
         with torch.no_grad():
             if self.maps:
                 _fold_scales(layer, self.maps, linears, stats, by_name, bprefix, method, options, self.records)
@@ -297,14 +304,22 @@ class _BlockLoop:
                 if progress:
                     progress(f"block {bi}: learning the rounding ({options.learn_steps} steps)", bi, self.n_blocks)
                 specs = {n: by_name[bprefix + n].spec for n in linears}
+                init = {}
+                if options.learn_init == "gptq":
+                    for n, m in linears.items():
+                        if specs[n].kind == "int":
+                            init[n] = _gptq_or_none(bprefix + n, m, specs[n], stats[n], options, self.records,
+                                                    return_updated=True)
+                    init = {n: q for n, q in init.items() if q is not None}
                 with torch.enable_grad():
                     learned_qt, rec, self.xs_float = learned.learn_block(
                         layer, linears, specs, xs, kwargs, device,
                         learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch),
-                        xs_float=self.xs_float)
+                        xs_float=self.xs_float, init=init)
                 self.records["learned"][bi] = rec
-                if not rec["kept"]:
-                    self.records["fallbacks"] += [bprefix + n for n in linears]
+                if not rec["kept"]:  # the starting point is kept: round to nearest where GPTQ did not start it
+                    self.records["fallbacks"] += [bprefix + n for n in linears if n not in init]
+                del init
             for n, m in linears.items():
                 if progress:
                     progress(f"block {bi}: {n}", bi, self.n_blocks)
@@ -472,6 +487,21 @@ def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options,
             prev.weight.data.copy_((prev.weight.data + mp.offset) / s - mp.offset)
 
 
+def _gptq_or_none(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, options: CalibOptions, records: dict,
+                  consume: bool = False, return_updated: bool = False):
+    """GPTQ's QTensor of m's weight (return_updated: and the weights it rounded), or None (recorded, with
+    a warning) when its Hessian cannot be factorised."""
+    try:
+        return gptq.gptq_quantize(m.weight.detach(), st.H.full(), spec, options.block_size, options.damp,
+                                  options.act_order, st.factors, consume, return_updated)
+    except gptq.HessianError as e:
+        warnings.warn(f"module {name}: GPTQ could not run ({e}); this layer fell back to round-to-nearest. "
+                      f"Fix: raise the dampening (--damp, now {options.damp}), or calibrate on more and more "
+                      f"varied samples (--samples, --calib)", stacklevel=2)
+        records["fallbacks"].append(name)
+        return None
+
+
 def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, method: str,
                      options: CalibOptions, records: dict, consume: bool = False, given=None) -> QLinear:
     """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place. given: the
@@ -481,14 +511,7 @@ def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, 
     if qt is not None:
         pass
     elif method in GPTQ_ROUNDING:
-        try:
-            qt = gptq.gptq_quantize(w, st.H.full(), spec, options.block_size, options.damp, options.act_order, st.factors,
-                                    consume)
-        except gptq.HessianError as e:
-            warnings.warn(f"module {name}: GPTQ could not run ({e}); this layer fell back to round-to-nearest. "
-                          f"Fix: raise the dampening (--damp, now {options.damp}), or calibrate on more and more "
-                          f"varied samples (--samples, --calib)", stacklevel=2)
-            records["fallbacks"].append(name)
+        qt = _gptq_or_none(name, m, spec, st, options, records, consume)
     elif method in ("rtn-mse", "awq") and spec.kind == "int":
         x = st.sample()[: options.clip_tokens].to(w.device) if method == "awq" else None
         scale, zero = clip.clip_search(w, spec, importance=st.importance() if x is None else None, x=x, grid=options.grid)

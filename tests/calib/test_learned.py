@@ -14,6 +14,8 @@ from tests.calib.test_sequential import TEXTS, W4, in_memory, same_state, stream
 from tests.conftest import make_tiny_llama, make_tokenizer
 
 FAST = CalibOptions(learn_steps=30, learn_batch=2)
+RTN_START = CalibOptions(learn_steps=30, learn_batch=2, learn_init="rtn")
+GPTQ_START = CalibOptions(learn_steps=30, learn_batch=2, learn_init="gptq")
 
 
 def _layer0_kwargs(model, seq: int) -> dict:
@@ -54,9 +56,10 @@ def test_the_stored_weight_is_the_learned_weight():
 
 def test_learned_rounding_lowers_the_block_loss_and_saves_as_any_artifact(tmp_path):
     data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
-    q = in_memory(W4, "learned", data, FAST)
+    q = in_memory(W4, "learned", data, RTN_START)
     blocks = q.calibration["learned_blocks"]
-    assert len(blocks) == 2 and all(b["loss_learned"] < b["loss_rtn"] for b in blocks.values())
+    assert len(blocks) == 2 and all(b["loss_learned"] < b["loss_start"] for b in blocks.values())
+    assert {b["start"] for b in blocks.values()} == {"rtn"}
     assert q.calibration["method"] == "learned" and q.recipe.algorithm == "learned"
     ref, rtn = make_tiny_llama(), in_memory(W4, "rtn", data)
     with torch.no_grad():
@@ -119,3 +122,52 @@ def test_the_targets_are_the_float_models_activations_not_the_float_block_on_qua
     data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
     q = in_memory(W4, "learned", data, FAST)
     assert {b["target"] for b in q.calibration["learned_blocks"].values()} == {"float model"}
+
+
+def test_a_gptq_start_is_reproduced_exactly_before_learning():
+    """Started from GPTQ's result (act-order: a column permutation, groups along it) and the weights it
+    rounded, V = 0 gives back GPTQ's codes, scales and zero points, and the fake-quantized weight the loss
+    sees is GPTQ's dequantized weight in the input order; after moving V, what is stored is what the loss
+    saw."""
+    from lowbit.calib import gptq
+
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 64), torch.randn(256, 64) * torch.linspace(0.2, 3, 64)
+    H = x.T @ x / x.shape[0]
+    for spec in (QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False, scale_dtype="float16"),
+                 QuantSpec(kind="int", bits=3, granularity="group", group_size=32),
+                 QuantSpec(kind="int", bits=4, granularity="group", group_size=32, symmetric=False,
+                           zero_domain="float", scale_dtype="float32")):
+        init, updated = gptq.gptq_quantize(w, H, spec, act_order=True, return_updated=True)
+        assert "perm" in init.tensors and torch.equal(gptq.gptq_quantize(w, H, spec, act_order=True).tensors["qdata"],
+                                                      init.tensors["qdata"])
+        r = learned._Rounding(w, spec, (init, updated))
+        with torch.no_grad():
+            torch.testing.assert_close(r.weight(), dequantize_tensor(init, torch.float32), rtol=0, atol=1e-6)
+        r.V.requires_grad_(False)
+        r.a_lo.requires_grad_(False)
+        r.a_hi.requires_grad_(False)
+        again = r.qtensor()  # learned = True, V = 0, full range: the same storage
+        for k, t in init.tensors.items():
+            assert torch.equal(again.tensors[k], t), (spec.label, k)
+        assert r.qtensor(learned=False) is init
+        assert r.params() == [r.V]  # GPTQ's scales are kept: only the offsets are learned
+        with torch.no_grad():
+            r.V.uniform_(-0.5, 0.5)
+        step = (w.abs().amax() / 3).item()
+        assert (r.weight() - dequantize_tensor(r.qtensor(), torch.float32)).abs().max() < 0.02 * step, spec.label
+
+
+def test_learning_from_gptq_does_not_end_worse_than_gptq():
+    """The block loop starts learned rounding from GPTQ's result and keeps GPTQ's where learning did not
+    lower the held-back loss: the model's error against the float one is at most GPTQ's (plus noise
+    from the held-back choice) on the calibration windows, and below round to nearest's."""
+    data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
+    q = in_memory(W4, "learned", data, GPTQ_START)
+    assert {b["start"] for b in q.calibration["learned_blocks"].values()} == {"gptq"}
+    gptq_q, rtn = in_memory(W4, "gptq", data), in_memory(W4, "rtn", data)
+    ref = make_tiny_llama()
+    with torch.no_grad():
+        err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
+               for k, m in (("learned", q), ("gptq", gptq_q), ("rtn", rtn))}
+    assert err["learned"] < err["rtn"] and err["learned"] < 1.05 * err["gptq"], err
