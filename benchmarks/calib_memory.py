@@ -2,7 +2,7 @@
 bundled model.
 
     .venv/bin/python benchmarks/calib_memory.py capped [--layers 22 --hidden 2048 --intermediate 5632]
-        [--cap-gb 2.0] [--limit cgroup|rlimit] [--method gptq] [--samples 8] [--seq-len 256]
+        [--cap-gb 2.0] [--limit cgroup|rlimit] [--method gptq] [--samples 8] [--seq-len 256] [--learn-steps 200]
     .venv/bin/python benchmarks/calib_memory.py speed [--model smollm2-135m] [--samples 128] [--seq-len 512]
 
 capped: saves a random-initialised Llama (default about 1.2B parameters, 4.8 GB as FP32 safetensors),
@@ -15,7 +15,8 @@ unused mapping (thread stacks, library mappings), so it is stricter than its num
 RSS (VmHWM) and peak address space (VmPeak). Loading the float model whole could not fit under the
 cap; the block-by-block loop does.
 speed: `lowbit quantize --method gptq` on the bundled model in a child process: wall time, peak RSS.
-Each writes its own section of docs/BENCHMARKS.md.
+Each writes its own section of docs/BENCHMARKS.md (capped: "calibrated-capped" for GPTQ,
+"calibrated-capped-<method>" for the others).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 lowbit.quantize({folder!r}, "w4-g128", out={out!r}, progress=progress,  # as `lowbit quantize` does
-                calib=CalibConfig(method={method!r}, data="wikipedia", samples={samples}, seq_len={seq_len}))
+                calib=CalibConfig(method={method!r}, data="wikipedia", samples={samples}, seq_len={seq_len},
+                                  learn_steps={learn_steps}))
 report()
 status = {{l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('VmHWM', 'VmPeak'))}}
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_kb": status["VmHWM"], "peak_vm_kb": status["VmPeak"]}}))
@@ -120,7 +122,7 @@ def capped(args) -> None:
         print(f"saved {n / 1e9:.2f}B parameters, {size / 1e9:.2f} GB, in {time.perf_counter() - t0:.0f} s", flush=True)
         cap = int(args.cap_gb * 1e9)
         code = CHILD.format(root=str(ROOT), folder=str(folder), method=args.method, samples=args.samples,
-                            seq_len=args.seq_len, out=str(Path(tmp) / "w4"))
+                            seq_len=args.seq_len, out=str(Path(tmp) / "w4"), learn_steps=args.learn_steps)
         env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
         kind = args.limit or ("cgroup" if cgroup_ok() else "rlimit")
         group = make_group(cap) if kind == "cgroup" else None
@@ -142,7 +144,7 @@ def capped(args) -> None:
         "",
         f"Written by `benchmarks/calib_memory.py capped --layers {args.layers} --hidden {args.hidden} --intermediate "
         f"{args.intermediate} --cap-gb {args.cap_gb} --method {args.method} --samples {args.samples} --seq-len "
-        f"{args.seq_len} --limit {kind}` on {time.strftime('%Y-%m-%d')}: a random-initialised Llama of {n / 1e9:.2f}B "
+        f"{args.seq_len}" + (f" --learn-steps {args.learn_steps}" if args.method == "learned" else "") + f" --limit {kind}` on {time.strftime('%Y-%m-%d')}: a random-initialised Llama of {n / 1e9:.2f}B "
         f"parameters saved as FP32 safetensors ({size / 1e9:.2f} GB), quantized to w4-g128 with {args.method} in a child "
         f"process held to {args.cap_gb} GB: "
         + ("a memory cgroup of that size (resident memory and page cache count; past it the kernel kills the child)."
@@ -161,7 +163,8 @@ def capped(args) -> None:
         + "; ".join(f"{r['phase']} {r['peak_rss_kb'] / 1e6:.2f} GB" for r in phases) + "."
         if phases else "No phase finished.",
     ]
-    write_section(args.out, "calibrated-capped", "\n".join(lines))
+    # GPTQ keeps the section name it was first recorded under; other methods get their own
+    write_section(args.out, "calibrated-capped" + ("" if args.method == "gptq" else f"-{args.method}"), "\n".join(lines))
     print(f"wrote {args.out}")
 
 
@@ -260,6 +263,8 @@ def main() -> None:
     c.add_argument("--method", default="gptq")
     c.add_argument("--samples", type=int, default=8)
     c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--learn-steps", type=int, default=200,
+                   help="--method learned: steps per block (memory does not grow with them; time does)")
     c.add_argument("--tmp", default=None, help="folder for the temporary checkpoint (needs its size free)")
     s = sub.add_parser("speed")
     s.add_argument("--model", default="smollm2-135m")

@@ -11,7 +11,7 @@ and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md.
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
 suites for RTN and QAT, wall time and the process's peak RSS (this part runs alone in its process).
-Section "qat-<model>".
+Section "qat-<model>" (W4 g128) or "qat-<model>-<scheme>".
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ def main() -> None:
         return
     body = qat_part(args)
     print(body)
-    write_section(args.out, f"qat-{args.model}", body)
+    # the W4 g128 run keeps the section name it was first recorded under; other schemes get their own
+    write_section(args.out, f"qat-{args.model}" + ("" if args.scheme == "w4-g128" else f"-{args.scheme}"), body)
 
 
 if __name__ == "__main__":

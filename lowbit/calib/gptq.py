@@ -210,13 +210,11 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size:
     if perm is not None and group is None:  # one scale per row: undo the order, no perm needed at run time
         inv = torch.argsort(perm)
         codes, perm = codes[:, inv], None
+        if seen is not None:
+            seen = seen[:, inv]
     qt = int_qtensor(spec, codes, scale.cpu(), None if zero is None else zero.cpu(),
                      None if perm is None else perm.cpu())
-    if not return_updated:
-        return qt
-    if perm is not None and group is None:
-        seen = seen[:, inv]
-    return qt, seen.cpu()
+    return (qt, seen.cpu()) if return_updated else qt
 
 
 def _column_loop(W, U, Q, cspec, group, block_size, scales, zeros, col_scale, col_zero, seen=None) -> None:

@@ -20,8 +20,13 @@ zero), a few hundred steps per block on mini-batches of the calibration windows.
 rounded once, in the format's exact storage (the same codes, scales and zero points as any other
 method: same artifact, same kernels), and the quantized block's outputs become the next block's
 inputs, as GPTQ does (the float block's outputs become the next float inputs). The result is kept only
-if its loss on held-back windows is below round to nearest's (else that Linear set falls back to RTN,
-recorded).
+if its loss on held-back windows is below the starting point's (else the block keeps its start, recorded).
+
+The start is round to nearest on each group's full range, or (init, `--learn-init gptq`) GPTQ's result:
+its scales and zero points, and the weights as GPTQ rounded them (each column with the earlier columns'
+error spread in), so V = 0 reproduces GPTQ's codes and V picks the other neighbour of GPTQ's compensated
+weight. From GPTQ only V is learned: its weights sit on its own scales' grid, which a moved range would
+re-round wholesale.
 
 Memory: the float model's activations beside the quantized ones (as large as the inputs the loop already
 holds) and one copy of the block's weights' parameters: bounded like the other methods.

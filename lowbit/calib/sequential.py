@@ -318,7 +318,8 @@ class _BlockLoop:
                         xs_float=self.xs_float, init=init)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:  # the starting point is kept: round to nearest where GPTQ did not start it
-                    self.records["fallbacks"] += [bprefix + n for n in linears if n not in init]
+                    self.records["fallbacks"] += [bprefix + n for n in linears
+                                                  if n not in init and bprefix + n not in self.records["fallbacks"]]
                 del init
             for n, m in linears.items():
                 if progress:
