@@ -2,11 +2,13 @@
 models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
+        [--learn-lr LR] [--learn-init rtn|gptq] [--blocks N]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
 learned: RTN, GPTQ, AWQ and `--method learned` at each scheme on the same calibration windows (held-out
 Wikipedia articles), mean KLD and top-1 against the off-grid FP32 model on other Wikipedia windows,
-and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md.
+and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md; with --blocks N (only the first N
+decoder blocks quantized, a probe for settings), "learned-<model>-firstN".
 
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
@@ -85,8 +87,9 @@ def learned(args) -> str:
         for method in ("rtn", "gptq", "awq", "learned"):
             t0 = time.perf_counter()
             calib = None if method == "rtn" else CalibConfig(method=method, data=data, samples=data.ids.shape[0],
-                                                             seq_len=256, learn_steps=args.steps)
-            q = api.quantize(fresh(base), recipe(scheme), calib=calib)
+                                                             seq_len=256, learn_steps=args.steps,
+                                                             learn_lr=args.learn_lr, learn_init=args.learn_init)
+            q = api.quantize(fresh(base), first_blocks(recipe(scheme), base, args.blocks), calib=calib)
             secs = time.perf_counter() - t0
             r = kld(base, q, samples)
             if method == "learned":  # overfitting shows as a training loss far under the held-back one
@@ -99,20 +102,40 @@ def learned(args) -> str:
             print(scheme, method, r, f"{secs:.0f} s", flush=True)
             del q
         body = learned_table(args, data, rows)  # written after each scheme: a run cut short keeps what it measured
-        write_section(args.out, f"learned-{args.model}", body)
+        write_section(args.out, f"learned-{args.model}" + (f"-first{args.blocks}" if args.blocks else ""), body)
     return body
+
+
+def first_blocks(rec, base, k: int | None):
+    """The recipe with only decoder blocks 0..k-1 quantized (the rest kept in float): a probe that takes
+    a fraction of the full run's time. None: the recipe as it is."""
+    import dataclasses
+
+    from lowbit.recipe import Override
+
+    if not k:
+        return rec
+    n = base.module.config.num_hidden_layers
+    return dataclasses.replace(rec, overrides=tuple(Override(f"model.layers.{i}.*", None) for i in range(k, n))
+                               + rec.overrides)
 
 
 def learned_table(args, data, rows) -> str:
     from lowbit.native import cpu_name
 
     lines = ["## Learned rounding vs GPTQ and AWQ (off-grid model)", "",
-             f"`benchmarks/learned_qat.py learned --model {args.model} --schemes {args.schemes} --steps {args.steps}` on "
+             f"`benchmarks/learned_qat.py learned --model {args.model} --schemes {args.schemes} --steps {args.steps}"
+             + (f" --learn-lr {args.learn_lr:g}" if args.learn_lr else "")
+             + (f" --learn-init {args.learn_init}" if args.learn_init != "rtn" else "")
+             + (f" --blocks {args.blocks}" if args.blocks else "") + "` on "
              f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
              f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
              f"Wikipedia articles, mean KLD and top-1 against the F32 model on 16 x 256 other Wikipedia tokens. "
-             f"`learned`: {args.steps} signSGD steps per block (learning rate 2/steps, decayed to 0), batch 4 windows, "
-             f"started from round to nearest, targets the float model's activations."
+             + (f"Only the first {args.blocks} decoder block(s) are quantized, the rest kept in float (a probe). "
+                if args.blocks else "")
+             + f"`learned`: {args.steps} signSGD steps per block (learning rate "
+             f"{'%g' % args.learn_lr if args.learn_lr else '2/steps'}, decayed to 0), batch 4 windows, "
+             f"started from {'GPTQ' if args.learn_init == 'gptq' else 'round to nearest'}, targets the float model's activations."
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
@@ -122,7 +145,7 @@ def learned_table(args, data, rows) -> str:
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
         lines += ["", "Learned rounding's block losses (MSE against the float model's activations, mean over blocks): "
-                  "on the held-back windows at the start (round to nearest) and after learning; on the training "
+                  "on the held-back windows at the start and after learning; on the training "
                   "batches over the first and the last 10 steps."]
         for scheme, r in notes:
             b = r["blocks"]
@@ -190,6 +213,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch", type=int, default=2, help="qat: windows of 256 tokens per step")
     ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--learn-lr", type=float, default=None, help="learned rounding: None: 2 / steps")
+    ap.add_argument("--learn-init", choices=("rtn", "gptq"), default="rtn")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="learned: quantize only the first N decoder blocks (a probe; its own section)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = ap.parse_args()
     import transformers
