@@ -35,14 +35,17 @@ from benchmarks.presets import write_section  # noqa: E402
 
 
 def recipe(name: str):
-    """A preset, or wN-gG: N-bit asymmetric integers in groups of G (float16 scales)."""
-    from lowbit.recipe import PRESETS, Recipe, _int
+    """A preset, or wN-gG: w4-g128 with N-bit asymmetric integers in groups of G (float16 scales), the rest
+    of the preset (the head in INT8, nothing ignored) as it is."""
+    import dataclasses
+
+    from lowbit.recipe import PRESETS, _int
 
     if name in PRESETS:
         return PRESETS[name]
     bits, group = name[1:].split("-g")
-    return Recipe(name=name, scheme=_int(int(bits), "group", int(group), symmetric=False, scale_dtype="float16"),
-                  group_fallback="shrink", overrides=PRESETS["w4-g128"].overrides)
+    return dataclasses.replace(PRESETS["w4-g128"], name=name, description="",
+                               scheme=_int(int(bits), "group", int(group), symmetric=False, scale_dtype="float16"))
 
 
 def setup(args):

@@ -61,8 +61,18 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         # one broadcast shift
         v = torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1)  # (rows, bytes, 8 // bits)
         return v.reshape(rows, -1)[:, :cols]
-    p = packed.to(torch.int32)
-    stream = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # (rows, bytes, 8)
-    stream = stream.reshape(rows, -1)[:, : cols * bits].reshape(rows, cols, bits)
-    weights = 1 << torch.arange(bits, dtype=torch.int32)
-    return (stream * weights).sum(dim=-1).to(torch.uint8)
+    # Odd widths: every `bits` bytes hold exactly 8 values. Read each such chunk as one little-endian
+    # integer (at most 56 bits) and shift the 8 values out of it: about 10 bytes of temporaries per
+    # value, where a bit stream of int32 took over 60 (loading a 3-bit artifact left the allocator
+    # holding hundreds of MB of them).
+    pad = (-packed.shape[1]) % bits
+    if pad:
+        packed = torch.nn.functional.pad(packed, (0, pad))
+    chunks = packed.reshape(rows, -1, bits)  # (rows, n, bits) bytes
+    word = torch.zeros(rows, chunks.shape[1], dtype=torch.int64)
+    for i in range(bits):
+        word |= chunks[:, :, i].to(torch.int64) << (8 * i)
+    out = torch.empty(rows, chunks.shape[1], 8, dtype=torch.uint8)
+    for j in range(8):
+        out[:, :, j] = ((word >> (j * bits)) & mask).to(torch.uint8)
+    return out.reshape(rows, -1)[:, :cols]

@@ -20,3 +20,15 @@ def test_pack_unpack_round_trip_and_matches_reference(bits, rows, cols, seed):
 def test_nibble_layout_is_low_first():
     p = packing.pack(torch.tensor([[0x1, 0xA]]), 4)
     assert p.tolist() == [[0xA1]]
+
+
+def test_odd_widths_round_trip_at_every_row_length():
+    """3, 5, 6 and 7 bits: every `bits` bytes hold 8 values; rows whose length is not a multiple of 8
+    end in a partial chunk, which unpack pads and drops again."""
+    torch.manual_seed(0)
+    for bits in (3, 5, 6, 7):
+        for cols in (1, 7, 8, 9, 64, 100, 1536):
+            v = torch.randint(0, 2 ** bits, (5, cols))
+            packed = packing.pack(v, bits)
+            assert packed.shape == (5, packing.packed_cols(cols, bits))
+            assert torch.equal(packing.unpack(packed, bits, cols), v.to(torch.uint8)), (bits, cols)
