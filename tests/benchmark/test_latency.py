@@ -226,7 +226,9 @@ def test_held_memory_pair_measures_each_model_in_its_own_process(tmp_path):
     got = latency.held_memory_pair(fp, w4, TEXT, cfg)
     for side in ("baseline", "candidate"):
         assert 50 * 2**20 < got[side]["rss_bytes"] <= got[side]["peak_rss_bytes"]
-    assert got["candidate"]["rss_bytes"] < got["baseline"]["rss_bytes"] - 50 * 2**20
+    # The float weights are 108 MB more, but the candidate's process also keeps a varying amount of what
+    # its load freed (allocator retention): differences down to 48 MB were seen on this test's machine.
+    assert got["candidate"]["rss_bytes"] < got["baseline"]["rss_bytes"] - 25 * 2**20, got
     # quantized in memory: measured from a saved artifact, as deployed (not rebuilt from the float weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
