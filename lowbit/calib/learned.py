@@ -74,6 +74,7 @@ class _Rounding:
         self.spec = spec
         self.init = None if init is None else init[0]
         self.perm = None if init is None or "perm" not in init[0].tensors else init[0].tensors["perm"].long()
+        self.inv = None if self.perm is None else torch.argsort(self.perm)  # stored order -> input order
         self.qmin, self.qmax = affine.qrange(spec.bits, spec.symmetric)
         if init is None:
             self.w = w.detach().float()
@@ -120,7 +121,7 @@ class _Rounding:
             out = (torch.clamp(_round_ste(g / s + V) + z, qmin, qmax) - z) * s
         out = out.reshape(self.w.shape)
         if self.perm is not None:  # back to the input order
-            out = out[:, torch.argsort(self.perm)]
+            out = out[:, self.inv]
         return out
 
     def qtensor(self, learned: bool = True) -> QTensor:

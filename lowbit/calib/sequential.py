@@ -305,12 +305,10 @@ class _BlockLoop:
                     progress(f"block {bi}: learning the rounding ({options.learn_steps} steps)", bi, self.n_blocks)
                 specs = {n: by_name[bprefix + n].spec for n in linears}
                 init = {}
-                if options.learn_init == "gptq":
-                    for n, m in linears.items():
-                        if specs[n].kind == "int":
-                            init[n] = _gptq_or_none(bprefix + n, m, specs[n], stats[n], options, self.records,
-                                                    return_updated=True)
-                    init = {n: q for n, q in init.items() if q is not None}
+                if options.learn_init == "gptq":  # check_method has made sure every scheme is an integer one
+                    init = {n: _gptq_or_none(bprefix + n, m, specs[n], stats[n], options, self.records,
+                                             return_updated=True) for n, m in linears.items()}
+                    init = {n: q for n, q in init.items() if q is not None}  # a failed Hessian: from RTN
                 with torch.enable_grad():
                     learned_qt, rec, self.xs_float = learned.learn_block(
                         layer, linears, specs, xs, kwargs, device,
