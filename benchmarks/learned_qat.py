@@ -2,13 +2,15 @@
 models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
-        [--learn-lr LR] [--learn-init rtn|gptq] [--blocks N]
+        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
+        [--blocks N]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
 learned: RTN, GPTQ, AWQ and `--method learned` at each scheme on the same calibration windows (held-out
 Wikipedia articles), mean KLD and top-1 against the off-grid FP32 model on other Wikipedia windows,
 and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md; with --blocks N (only the first N
-decoder blocks quantized, a probe for settings), "learned-<model>-firstN".
+decoder blocks quantized, a probe for settings), "learned-<model>-firstN"; with --learn-init gptq|awq, the
+start appended ("learned-<model>-first4-awq").
 
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
@@ -59,10 +61,22 @@ def setup(args):
     base = api.load(str(offgrid_path(args.model)))
     arts = wikipedia_articles()
     samples = make_samples(base.tokenizer, arts, 256, 16)
-    windows = [s.ids for s in make_samples(base.tokenizer, arts[len(arts) // 2:], 256, args.calib_windows)]
+    windows = calib_windows(base.tokenizer, arts[len(arts) // 2:], 256, args.calib_windows)
     data = CalibData(torch.stack(windows), "Wikipedia (held-out articles)",
                      {"samples": len(windows), "seq_len": 256, "tokens": len(windows) * 256})
     return base, samples, data
+
+
+def calib_windows(tok, arts, seq: int, n: int) -> list[torch.Tensor]:
+    """Up to n windows of seq tokens: each article cut into consecutive windows, article after article
+    (the held-out half holds about 1,000 such windows for SmolLM2's tokenizer)."""
+    out = []
+    for _, text in arts:
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        out += [ids[i:i + seq] for i in range(0, ids.numel() - seq + 1, seq)][: n - len(out)]
+        if len(out) == n:
+            break
+    return out
 
 
 def kld(base, model, samples) -> dict:
@@ -87,11 +101,12 @@ def learned(args) -> str:
     base, samples, data = setup(args)
     rows = []
     for scheme in args.schemes.split(","):
-        for method in ("rtn", "gptq", "awq", "learned"):
+        for method in args.methods.split(","):
             t0 = time.perf_counter()
             calib = None if method == "rtn" else CalibConfig(method=method, data=data, samples=data.ids.shape[0],
                                                              seq_len=256, learn_steps=args.steps,
-                                                             learn_lr=args.learn_lr, learn_init=args.learn_init)
+                                                             learn_lr=args.learn_lr, learn_init=args.learn_init,
+                                                             learn_batch=args.learn_batch)
             q = api.quantize(fresh(base), first_blocks(recipe(scheme), base, args.blocks), calib=calib)
             secs = time.perf_counter() - t0
             r = kld(base, q, samples)
@@ -105,7 +120,8 @@ def learned(args) -> str:
             print(scheme, method, r, f"{secs:.0f} s", flush=True)
             del q
         body = learned_table(args, data, rows)  # written after each scheme: a run cut short keeps what it measured
-        write_section(args.out, f"learned-{args.model}" + (f"-first{args.blocks}" if args.blocks else ""), body)
+        write_section(args.out, f"learned-{args.model}" + (f"-first{args.blocks}" if args.blocks else "")
+                      + (f"-{args.learn_init}" if args.learn_init != "rtn" else ""), body)
     return body
 
 
@@ -130,15 +146,18 @@ def learned_table(args, data, rows) -> str:
              f"`benchmarks/learned_qat.py learned --model {args.model} --schemes {args.schemes} --steps {args.steps}"
              + (f" --learn-lr {args.learn_lr:g}" if args.learn_lr else "")
              + (f" --learn-init {args.learn_init}" if args.learn_init != "rtn" else "")
-             + (f" --blocks {args.blocks}" if args.blocks else "") + "` on "
+             + (f" --blocks {args.blocks}" if args.blocks else "")
+             + (f" --calib-windows {args.calib_windows}" if args.calib_windows != 32 else "")
+             + (f" --learn-batch {args.learn_batch}" if args.learn_batch != 4 else "")
+             + (f" --methods {args.methods}" if args.methods != "rtn,gptq,awq,learned" else "") + "` on "
              f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
              f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
              f"Wikipedia articles, mean KLD and top-1 against the F32 model on 16 x 256 other Wikipedia tokens. "
              + (f"Only the first {args.blocks} decoder block(s) are quantized, the rest kept in float (a probe). "
                 if args.blocks else "")
              + f"`learned`: {args.steps} signSGD steps per block (learning rate "
-             f"{'%g' % args.learn_lr if args.learn_lr else '2/steps'}, decayed to 0), batch 4 windows, "
-             f"started from {'GPTQ' if args.learn_init == 'gptq' else 'round to nearest'}, targets the float model's activations."
+             f"{'%g' % args.learn_lr if args.learn_lr else '2/steps'}, decayed to 0), batch {args.learn_batch} windows, "
+             f"started from {dict(gptq='GPTQ', awq='AWQ').get(args.learn_init, 'round to nearest')}, targets the float model's activations."
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
@@ -217,7 +236,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="qat: windows of 256 tokens per step")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--learn-lr", type=float, default=None, help="learned rounding: None: 2 / steps")
-    ap.add_argument("--learn-init", choices=("rtn", "gptq"), default="rtn")
+    ap.add_argument("--learn-init", choices=("rtn", "gptq", "awq"), default="rtn")
+    ap.add_argument("--learn-batch", type=int, default=4, help="learned rounding: calibration windows per step")
+    ap.add_argument("--methods", default="rtn,gptq,awq,learned", help="learned: the methods to run (gptq among them)")
     ap.add_argument("--blocks", type=int, default=None,
                     help="learned: quantize only the first N decoder blocks (a probe; its own section)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")

@@ -85,9 +85,9 @@ def quantize(
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="SmoothQuant migration strength."),
     learn_steps: int = typer.Option(200, "--learn-steps", min=1, max=100_000, help="--method learned: signSGD steps per block."),
     learn_init: str = typer.Option("rtn", "--learn-init",
-        help="--method learned: start from round to nearest (rtn; offsets and ranges learned) or from GPTQ's "
-             "rounding (gptq; offsets only, and GPTQ's result kept wherever learning does not lower the held-back "
-             "loss)."),
+        help="--method learned: start from round to nearest (rtn; offsets and ranges learned), from GPTQ's "
+             "rounding (gptq; offsets only) or from AWQ's scaled weights and clipped ranges (awq; offsets and "
+             "ranges). A gptq or awq start is kept wherever learning does not lower the held-back loss."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 

@@ -66,12 +66,15 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class _Rounding:
     """One Linear's learnable rounding: offsets V, range shrink factors, and the fake-quantized weight."""
 
-    def __init__(self, w: torch.Tensor, spec: QuantSpec, init: tuple[QTensor, torch.Tensor] | None = None) -> None:
-        """init: start from GPTQ's (QTensor, weights as it rounded them, in its stored column order): those
-        weights are learned around, on its scales and zero points, so V = 0 reproduces its codes exactly
-        and V moves a code to the other neighbour of GPTQ's compensated weight. None: start from w, round
-        to nearest on each group's full range."""
+    def __init__(self, w: torch.Tensor, spec: QuantSpec, init: tuple[QTensor, torch.Tensor] | None = None,
+                 learn_range: bool | None = None) -> None:
+        """init: start from another method's (QTensor, the weights it rounded, in its stored column order):
+        those weights are learned around, from its scales and zero points, so V = 0 reproduces its codes
+        exactly. GPTQ's: V moves a code to the other neighbour of GPTQ's compensated weight. AWQ's: the
+        scaled weights on AWQ's clipped ranges. None: start from w, round to nearest on each group's full
+        range. learn_range: learn the range's shrink factors too (None: only without an init)."""
         self.spec = spec
+        self.learn_range = init is None if learn_range is None else learn_range
         self.init = None if init is None else init[0]
         self.perm = None if init is None or "perm" not in init[0].tensors else init[0].tensors["perm"].long()
         self.inv = None if self.perm is None else torch.argsort(self.perm)  # stored order -> input order
@@ -89,9 +92,9 @@ class _Rounding:
         self.a_hi = torch.ones_like(self.hi0, requires_grad=True)
 
     def params(self) -> list[torch.Tensor]:
-        """What is learned: the offsets and, started from round to nearest, the range. GPTQ's weights sit
-        on the grid of its own scales; a moved range would re-round them all, undoing its compensation."""
-        return [self.V] if self.init is not None else [self.V, self.a_lo, self.a_hi]
+        """What is learned: the offsets and (learn_range) the range. GPTQ's weights sit on the grid of its
+        own scales; a moved range would re-round them all, undoing its compensation."""
+        return [self.V, self.a_lo, self.a_hi] if self.learn_range else [self.V]
 
     def clamp_(self) -> None:
         with torch.no_grad():
@@ -187,12 +190,14 @@ def _loss(layer, xs, ys, kwargs, device, idx) -> torch.Tensor:
 def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec], xs: list[torch.Tensor],
                 kwargs: dict, device, options: LearnOptions, say=None,
                 xs_float: list[torch.Tensor] | None = None,
-                init: dict[str, tuple[QTensor, torch.Tensor]] | None = None) -> tuple[dict[str, QTensor], dict, list[torch.Tensor]]:
+                init: dict[str, tuple[QTensor, torch.Tensor]] | None = None,
+                init_name: str = "gptq") -> tuple[dict[str, QTensor], dict, list[torch.Tensor]]:
     """Learn the rounding of `linears` (name -> Linear of `layer`) on the inputs xs (the quantized blocks'
     outputs so far). The targets are the float block's outputs on xs_float, the float model's own inputs
     to this block (None: on xs), so the block also learns to undo the error the blocks before it left
     (AutoRound's choice; GPTQ's targets are the float layer on the quantized inputs). init: name ->
-    GPTQ's (QTensor, the weights it rounded) to start from (None or a missing name: round to nearest). Returns (name ->
+    (QTensor, the weights it rounded) of the method init_name ("gptq": only V learned; "awq": V and the
+    range) to start from (None or a missing name: round to nearest). Returns (name ->
     QTensor in the format's storage, a record of losses and time, the targets: the next block's xs_float)."""
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -205,7 +210,9 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]  # held back to judge the result
     train = [i for i in range(n) if i not in held] or held
     init = init or {}
-    roundings = {name: _Rounding(m.weight, specs[name], init.get(name)) for name, m in linears.items()}
+    roundings = {name: _Rounding(m.weight, specs[name], init.get(name),
+                                 learn_range=None if name not in init else init_name != "gptq")
+                 for name, m in linears.items()}
     for name, m in linears.items():
         m.weight.requires_grad_(False)
         _patch(m, roundings[name])
@@ -237,7 +244,7 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
             _unpatch(m)
     keep = math.isfinite(loss_learned) and loss_learned <= loss_start
     out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
-    start = sorted({"gptq" if r.init is not None else "rtn" for r in roundings.values()})
+    start = sorted({init_name if r.init is not None else "rtn" for r in roundings.values()})
     record = {"start": "+".join(start), "loss_start": loss_start, "loss_learned": loss_learned, "kept": keep,
               "steps": options.steps, "loss_train_first": _mean(trace[:10]), "loss_train_last": _mean(trace[-10:]),
               "target": "float model" if xs_float is not None else "float block", "seconds": round(time.perf_counter() - t0, 1)}

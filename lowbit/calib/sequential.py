@@ -30,7 +30,7 @@ from lowbit.calib.data import CalibData
 from lowbit.calib.mappings import mappings_for
 from lowbit.errors import LowbitError
 from lowbit.formats import affine
-from lowbit.formats.qtensor import int_qtensor, quantize_tensor
+from lowbit.formats.qtensor import QTensor, int_qtensor, quantize_tensor
 from lowbit.formats.spec import QuantSpec
 from lowbit.model.qlinear import QLinear, prepare_model, share_embedding
 from lowbit.model.quantize import ModulePlan, check_finite, plan_model, round_kept, set_submodule
@@ -177,7 +177,12 @@ class LinearStats:
 
 
 # -- the loop ----------------------------------------------------------------------------------
-LEARN_INITS = ("rtn", "gptq")
+LEARN_INITS = ("rtn", "gptq", "awq")
+
+
+def _searches_awq(method: str, options: CalibOptions) -> bool:
+    """Whether the method searches AWQ's scales: the AWQ methods, and learned rounding started from AWQ."""
+    return method in AWQ_SCALES or (method == "learned" and options.learn_init == "awq")
 
 
 def check_method(method: str, recipe: Recipe, options: CalibOptions | None = None) -> None:
@@ -250,7 +255,8 @@ class _BlockLoop:
         self.early = [n for n in self.names if n not in self.block_names and n.startswith(decoder_prefix)]
         self.records = {"fallbacks": [], "awq_ratios": {}, "learned": {}}
         self.imatrix: dict[str, torch.Tensor] = {}
-        self.maps = mappings_for(getattr(model.config, "model_type", ""), method) if method in (*AWQ_SCALES, "smoothquant") else ()
+        self.maps = (mappings_for(getattr(model.config, "model_type", ""), method)
+                     if _searches_awq(method, options) or method == "smoothquant" else ())
         # plain RTN with weight-only activations needs no statistics: skip both passes
         self.forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in self.plans)
 
@@ -290,7 +296,7 @@ class _BlockLoop:
                    and by_name.get(bprefix + n) is not None and by_name[bprefix + n].spec is not None}
         for n, m in linears.items():
             check_finite(bprefix + n, m.weight.detach())
-        keep = max(1, options.awq_tokens // len(xs)) if method in AWQ_SCALES else 0
+        keep = max(1, options.awq_tokens // len(xs)) if _searches_awq(method, options) else 0
         hessian = method in GPTQ_ROUNDING or (method == "learned" and options.learn_init == "gptq")
         stats = _collect(layer, linears, xs if forward else [], kwargs, device, hessian, keep)
         with torch.no_grad():
@@ -309,11 +315,14 @@ class _BlockLoop:
                     init = {n: _gptq_or_none(bprefix + n, m, specs[n], stats[n], options, self.records,
                                              return_updated=True) for n, m in linears.items()}
                     init = {n: q for n, q in init.items() if q is not None}  # a failed Hessian: from RTN
+                elif options.learn_init == "awq":  # the weights as AWQ scaled them, on its clipped ranges
+                    init = {n: (_clipped(m.weight.detach(), specs[n], stats[n], options), m.weight.detach())
+                            for n, m in linears.items()}
                 with torch.enable_grad():
                     learned_qt, rec, self.xs_float = learned.learn_block(
                         layer, linears, specs, xs, kwargs, device,
                         learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch),
-                        xs_float=self.xs_float, init=init)
+                        xs_float=self.xs_float, init=init, init_name=options.learn_init)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:  # the starting point is kept: round to nearest where GPTQ did not start it
                     self.records["fallbacks"] += [bprefix + n for n in linears
@@ -467,7 +476,7 @@ def _fold_scales(layer, maps, linears, stats, by_name, bprefix, method, options,
         if isinstance(prev, nn.Linear) and any(prev.out_features != w.shape[1] for w in ws):
             continue  # grouped-query attention: v_proj outputs feed several o_proj inputs
         first = stats[mp.layers[0]]
-        if method in AWQ_SCALES:
+        if _searches_awq(method, options):
             specs = [by_name[bprefix + n].spec for n in mp.layers]
             s, ratio, _ = awq.search_scales(first.sample().to(ws[0].device), ws, specs, options.grid)
             records["awq_ratios"][bprefix + mp.prev] = ratio
@@ -501,6 +510,17 @@ def _gptq_or_none(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, opt
         return None
 
 
+def _clipped(w: torch.Tensor, spec: QuantSpec, st: LinearStats, options: CalibOptions, on_outputs: bool = True) -> QTensor:
+    """w rounded to nearest on each group's range clipped by search: the range that minimises the error of
+    the layer's outputs on the kept activation rows (on_outputs, AWQ's), or the importance-weighted
+    weight error (rtn-mse)."""
+    x = st.sample()[: options.clip_tokens].to(w.device) if on_outputs else None
+    scale, zero = clip.clip_search(w, spec, importance=st.importance() if x is None else None, x=x, grid=options.grid)
+    qt = int_qtensor(spec, affine.quantize(w, scale, zero, spec), scale.cpu(), None if zero is None else zero.cpu())
+    qt.tensors["qdata"] = qt.tensors["qdata"].cpu()
+    return qt
+
+
 def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, method: str,
                      options: CalibOptions, records: dict, consume: bool = False, given=None) -> QLinear:
     """consume: no later Linear reads st's Hessian, so GPTQ may factorise it in place. given: the
@@ -512,10 +532,7 @@ def _quantize_linear(name: str, m: nn.Linear, spec: QuantSpec, st: LinearStats, 
     elif method in GPTQ_ROUNDING:
         qt = _gptq_or_none(name, m, spec, st, options, records, consume)
     elif method in ("rtn-mse", "awq") and spec.kind == "int":
-        x = st.sample()[: options.clip_tokens].to(w.device) if method == "awq" else None
-        scale, zero = clip.clip_search(w, spec, importance=st.importance() if x is None else None, x=x, grid=options.grid)
-        qt = int_qtensor(spec, affine.quantize(w, scale, zero, spec), scale.cpu(), None if zero is None else zero.cpu())
-        qt.tensors["qdata"] = qt.tensors["qdata"].cpu()
+        qt = _clipped(w, spec, st, options, on_outputs=method == "awq")
     if qt is None:
         qt = quantize_tensor(w.cpu(), spec)
     tensors = dict(qt.tensors)

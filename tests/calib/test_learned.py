@@ -172,3 +172,22 @@ def test_learning_from_gptq_does_not_end_worse_than_gptq():
         err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
                for k, m in (("learned", q), ("gptq", gptq_q), ("rtn", rtn))}
     assert err["learned"] < err["rtn"] and err["learned"] < 1.05 * err["gptq"], err
+
+
+def test_an_awq_start_is_awq_until_learning_moves_it():
+    """Started from AWQ (its scales folded into the norms, its clipped ranges), learned rounding with a
+    learning rate of 0 stores exactly what --method awq stores; after learning, the ranges move too, the
+    record names the start, and the error against the float model is at most AWQ's (plus the held-back
+    choice's noise) and below round to nearest's."""
+    data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
+    awq_q = in_memory(W4, "awq", data)
+    still = in_memory(W4, "learned", data, CalibOptions(learn_steps=3, learn_batch=2, learn_init="awq", learn_lr=0.0))
+    assert same_state(still.module, awq_q.module)
+    q = in_memory(W4, "learned", data, CalibOptions(learn_steps=30, learn_batch=2, learn_init="awq"))
+    assert {b["start"] for b in q.calibration["learned_blocks"].values()} == {"awq"}
+    assert q.calibration["awq_ratios"]  # the scales were searched, as --method awq does
+    rtn, ref = in_memory(W4, "rtn", data), make_tiny_llama()
+    with torch.no_grad():
+        err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
+               for k, m in (("learned", q), ("awq", awq_q), ("rtn", rtn))}
+    assert err["learned"] < err["rtn"] and err["learned"] < 1.05 * err["awq"], err
