@@ -211,7 +211,7 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     train = [i for i in range(n) if i not in held] or held
     init = init or {}
     roundings = {name: _Rounding(m.weight, specs[name], init.get(name),
-                                 learn_range=None if name not in init else init_name != "gptq")
+                                 learn_range=name not in init or init_name != "gptq")
                  for name, m in linears.items()}
     for name, m in linears.items():
         m.weight.requires_grad_(False)

@@ -185,6 +185,11 @@ def _searches_awq(method: str, options: CalibOptions) -> bool:
     return method in AWQ_SCALES or (method == "learned" and options.learn_init == "awq")
 
 
+def _needs_hessian(method: str, options: CalibOptions) -> bool:
+    """Whether the method rounds with GPTQ: the GPTQ methods, and learned rounding started from GPTQ."""
+    return method in GPTQ_ROUNDING or (method == "learned" and options.learn_init == "gptq")
+
+
 def check_method(method: str, recipe: Recipe, options: CalibOptions | None = None) -> None:
     if method not in METHODS:
         raise LowbitError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
@@ -297,7 +302,7 @@ class _BlockLoop:
         for n, m in linears.items():
             check_finite(bprefix + n, m.weight.detach())
         keep = max(1, options.awq_tokens // len(xs)) if _searches_awq(method, options) else 0
-        hessian = method in GPTQ_ROUNDING or (method == "learned" and options.learn_init == "gptq")
+        hessian = _needs_hessian(method, options)
         stats = _collect(layer, linears, xs if forward else [], kwargs, device, hessian, keep)
         with torch.no_grad():
             if self.maps:
@@ -324,7 +329,7 @@ class _BlockLoop:
                         learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch),
                         xs_float=self.xs_float, init=init, init_name=options.learn_init)
                 self.records["learned"][bi] = rec
-                if not rec["kept"]:  # the starting point is kept: round to nearest where GPTQ did not start it
+                if not rec["kept"]:  # the starting point is kept: round to nearest where no GPTQ/AWQ start was made
                     self.records["fallbacks"] += [bprefix + n for n in linears
                                                   if n not in init and bprefix + n not in self.records["fallbacks"]]
                 del init
