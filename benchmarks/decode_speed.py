@@ -176,11 +176,10 @@ def engine_of(model, batch: int) -> str:
 
 class LlamaRow:
     def __init__(self, path: Path, n_ctx: int) -> None:
-        import llama_cpp
+        from lowbit.exporters.llamacpp import open_llama
 
         self.path = path
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, n_threads_batch=2, n_batch=512,
-                                   verbose=False)
+        self.llm = open_llama(path, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
 
     def time(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
         import numpy as np
@@ -313,7 +312,9 @@ def main() -> None:
             how = (", ".join(sorted(kernels)) or ("bf16 F.linear" if name == "bf16" else "fp32 F.linear")) + \
                 f"; {loop}; {path}"
         else:
-            nbytes, how = llama[name].weight_bytes(), "llama-cpp-python 0.3.36"
+            from lowbit.exporters.llamacpp import weight_buffers
+
+            nbytes, how = llama[name].weight_bytes(), f"llama-cpp-python 0.3.36, {weight_buffers()} weight buffers"
         gbs = nbytes * dec / 1e9 if b == 1 else None
         lines.append(f"| {who} {name} | {b} | {pre:.0f} | {pre / fp[b][0]:.2f}x | {dec:.1f} | {dec / fp[b][1]:.2f}x | "
                      f"{nbytes / 1e6:.0f} | " + (f"{gbs:.1f} ({gbs / bw:.0%})" if gbs else "-") + f" | {how} |")

