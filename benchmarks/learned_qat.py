@@ -106,7 +106,8 @@ def learned(args) -> str:
             calib = None if method == "rtn" else CalibConfig(method=method, data=data, samples=data.ids.shape[0],
                                                              seq_len=256, learn_steps=args.steps,
                                                              learn_lr=args.learn_lr, learn_init=args.learn_init,
-                                                             learn_batch=args.learn_batch)
+                                                             learn_batch=args.learn_batch,
+                                                             learn_loss=args.learn_loss)
             q = api.quantize(fresh(base), first_blocks(recipe(scheme), base, args.blocks), calib=calib)
             secs = time.perf_counter() - t0
             r = kld(base, q, samples)
@@ -121,7 +122,8 @@ def learned(args) -> str:
             del q
         body = learned_table(args, data, rows)  # written after each scheme: a run cut short keeps what it measured
         write_section(args.out, f"learned-{args.model}" + (f"-first{args.blocks}" if args.blocks else "")
-                      + (f"-{args.learn_init}" if args.learn_init != "rtn" else ""), body)
+                      + (f"-{args.learn_init}" if args.learn_init != "rtn" else "")
+                      + ("-mse" if args.learn_loss == "mse" else ""), body)
     return body
 
 
@@ -149,6 +151,7 @@ def learned_table(args, data, rows) -> str:
              + (f" --blocks {args.blocks}" if args.blocks else "")
              + (f" --calib-windows {args.calib_windows}" if args.calib_windows != 32 else "")
              + (f" --learn-batch {args.learn_batch}" if args.learn_batch != 4 else "")
+             + (f" --learn-loss {args.learn_loss}" if args.learn_loss != "relative" else "")
              + (f" --methods {args.methods}" if args.methods != "rtn,gptq,awq,learned" else "") + "` on "
              f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
              f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
@@ -157,7 +160,8 @@ def learned_table(args, data, rows) -> str:
                 if args.blocks else "")
              + f"`learned`: {args.steps} signSGD steps per block (learning rate "
              f"{'%g' % args.learn_lr if args.learn_lr else '2/steps'}, decayed to 0), batch {args.learn_batch} windows, "
-             f"started from {dict(gptq='GPTQ', awq='AWQ').get(args.learn_init, 'round to nearest')}, targets the float model's activations."
+             f"started from {dict(gptq='GPTQ', awq='AWQ').get(args.learn_init, 'round to nearest')}, targets the float model's activations, "
+             + ("plain mean squared error." if args.learn_loss == "mse" else "each token's squared error over its target's squared norm.")
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
@@ -166,7 +170,7 @@ def learned_table(args, data, rows) -> str:
         lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
-        lines += ["", "Learned rounding's block losses (MSE against the float model's activations, mean over blocks): "
+        lines += ["", f"Learned rounding's block losses ({'MSE' if args.learn_loss == 'mse' else 'relative squared error'} against the float model's activations, mean over blocks): "
                   "on the held-back windows at the start and after learning; on the training "
                   "batches over the first and the last 10 steps."]
         for scheme, r in notes:
@@ -237,6 +241,8 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--learn-lr", type=float, default=None, help="learned rounding: None: 2 / steps")
     ap.add_argument("--learn-init", choices=("rtn", "gptq", "awq"), default="rtn")
+    ap.add_argument("--learn-loss", choices=("relative", "mse"), default="relative",
+                    help="learned rounding: per-token relative squared error (the default) or plain MSE")
     ap.add_argument("--learn-batch", type=int, default=4, help="learned rounding: calibration windows per step")
     ap.add_argument("--methods", default="rtn,gptq,awq,learned", help="learned: the methods to run (gptq among them)")
     ap.add_argument("--blocks", type=int, default=None,

@@ -73,7 +73,7 @@ def quantize(
     method: Optional[str] = typer.Option(None, "--method",
         help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, awq-gptq (AWQ scales, then GPTQ rounding), "
              "smoothquant (W8A8 recipes), or learned (rounding offsets and group ranges learned block by block "
-             "against the float model's activations; --learn-steps, --learn-init). "
+             "against the float model's activations; --learn-steps, --learn-init, --learn-loss). "
              "Default: the recipe's algorithm, or gptq when --calib is given."),
     calib: Optional[str] = typer.Option(None, "--calib",
         help="Calibration prompts: a .txt file, a .jsonl file (a 'text' field or chat 'messages'), or a built-in "
@@ -88,6 +88,9 @@ def quantize(
         help="--method learned: start from round to nearest (rtn; offsets and ranges learned), from GPTQ's "
              "rounding (gptq; offsets only) or from AWQ's scaled weights and clipped ranges (awq; offsets and "
              "ranges). A gptq or awq start is kept wherever learning does not lower the held-back loss."),
+    learn_loss: str = typer.Option("relative", "--learn-loss",
+        help="--method learned: the block loss. relative (each token's squared error over its float "
+             "activation's squared norm, so the first token's huge activations do not drown the rest) or mse."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 
@@ -107,7 +110,7 @@ def quantize(
     elif method or calib or rec.algorithm != "rtn":
         cfg = CalibConfig(method=method, data=calib or "mix", samples=samples, seq_len=seq_len, damp=damp,
                           act_order=act_order, alpha=alpha, learn_steps=learn_steps,
-                          learn_init=learn_init)
+                          learn_init=learn_init, learn_loss=learn_loss)
     method = method_for(rec, cfg)
     _quiet_transformers()
     t0 = time.perf_counter()

@@ -53,5 +53,6 @@ def mappings_for(model_type: str, method: str) -> tuple[Mapping, ...]:
     except KeyError:
         raise LowbitError(
             f"config.json field 'model_type': '{model_type}' has no scale-folding table, which {method} needs; "
-            f"known families: {', '.join(sorted(MAPPINGS))}; fix: use --method gptq or rtn, or add the family's "
+            f"known families: {', '.join(sorted(MAPPINGS))}; fix: use --method gptq or rtn (or, for --method learned, "
+            f"--learn-init rtn or gptq), or add the family's "
             f"(norm -> projections) rows to lowbit/calib/mappings.py") from None

@@ -56,7 +56,8 @@ class CalibOptions:
     learn_steps: int = 200  # learned rounding: signSGD steps per block
     learn_lr: float | None = None  # learned rounding: None: 2 / learn_steps
     learn_batch: int = 4  # learned rounding: calibration windows per step
-    learn_init: str = "rtn"  # learned rounding: start from the nearest rounding ("rtn") or from GPTQ's ("gptq")
+    learn_init: str = "rtn"  # learned rounding: start from the nearest rounding ("rtn"), GPTQ's ("gptq") or AWQ's ("awq")
+    learn_loss: str = "relative"  # learned rounding: per-token relative squared error, or plain "mse" (learned.py)
     device: str | None = None  # None: CUDA when present, else CPU
 
 
@@ -178,6 +179,7 @@ class LinearStats:
 
 # -- the loop ----------------------------------------------------------------------------------
 LEARN_INITS = ("rtn", "gptq", "awq")
+LEARN_LOSSES = ("relative", "mse")  # learned._err's two forms
 
 
 def _searches_awq(method: str, options: CalibOptions) -> bool:
@@ -195,6 +197,8 @@ def check_method(method: str, recipe: Recipe, options: CalibOptions | None = Non
         raise LowbitError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
     if options is not None and options.learn_init not in LEARN_INITS:
         raise LowbitError(f"--learn-init '{options.learn_init}' is unknown; use one of {', '.join(LEARN_INITS)}")
+    if options is not None and options.learn_loss not in LEARN_LOSSES:
+        raise LowbitError(f"--learn-loss '{options.learn_loss}' is unknown; use one of {', '.join(LEARN_LOSSES)}")
     if method != "rtn":
         kinds = {s.kind for s in [recipe.scheme, *(o.scheme for o in recipe.overrides if o.scheme)]}
         if kinds != {"int"}:
@@ -260,7 +264,8 @@ class _BlockLoop:
         self.early = [n for n in self.names if n not in self.block_names and n.startswith(decoder_prefix)]
         self.records = {"fallbacks": [], "awq_ratios": {}, "learned": {}}
         self.imatrix: dict[str, torch.Tensor] = {}
-        self.maps = (mappings_for(getattr(model.config, "model_type", ""), method)
+        self.maps = (mappings_for(getattr(model.config, "model_type", ""),
+                                  "--method learned --learn-init awq" if method == "learned" else method)
                      if _searches_awq(method, options) or method == "smoothquant" else ())
         # plain RTN with weight-only activations needs no statistics: skip both passes
         self.forward = method != "rtn" or any(p.spec is not None and p.spec.activation == "int8_static" for p in self.plans)
@@ -326,7 +331,8 @@ class _BlockLoop:
                 with torch.enable_grad():
                     learned_qt, rec, self.xs_float = learned.learn_block(
                         layer, linears, specs, xs, kwargs, device,
-                        learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch),
+                        learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch,
+                                             loss=options.learn_loss),
                         xs_float=self.xs_float, init=init, init_name=options.learn_init)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:  # the starting point is kept: round to nearest where no GPTQ/AWQ start was made

@@ -8,6 +8,7 @@ import torch
 import lowbit
 from lowbit.calib import CalibConfig, CalibOptions, load_calibration
 from lowbit.calib import learned
+from lowbit.calib.sequential import LEARN_LOSSES
 from lowbit.formats.qtensor import dequantize_tensor
 from lowbit.formats.spec import QuantSpec
 from tests.calib.test_sequential import TEXTS, W4, in_memory, same_state, streamed_from
@@ -87,6 +88,37 @@ def test_method_learned_needs_an_integer_recipe():
                         calib=CalibConfig(method="learned", data=TEXTS, samples=2, seq_len=48))
 
 
+def test_the_relative_loss_weighs_every_token_by_its_own_size():
+    """A first token 100 times larger than the rest (the attention sink's massive activations) and the same
+    10% error on every token: the relative loss is 0.01 whatever the sizes; the plain MSE is mostly the
+    large token's. An unknown loss is refused before any work."""
+    import pytest
+
+    from lowbit.errors import LowbitError
+
+    t = torch.ones(1, 3, 4)
+    t[0, 0] *= 100
+    y = t * 1.1
+    torch.testing.assert_close(learned._err(y, t, "relative"), torch.tensor(0.01))
+    torch.testing.assert_close(learned._err(y, t, "mse"), torch.tensor(0.01 * (10_000 + 1 + 1) / 3))
+    with pytest.raises(LowbitError, match="--learn-loss 'l1' is unknown"):
+        lowbit.quantize(make_tiny_llama(), "w4-g32", tokenizer=make_tokenizer(),
+                        calib=CalibConfig(method="learned", data=TEXTS, samples=2, seq_len=48, learn_loss="l1"))
+
+
+def test_the_awq_start_on_a_family_without_a_scale_table_says_which_starts_still_work():
+    import pytest
+
+    from lowbit.errors import LowbitError
+
+    model = make_tiny_llama()
+    model.config.model_type = "mystery"
+    with pytest.raises(LowbitError, match="'mystery' has no scale-folding table, which --method learned --learn-init awq "
+                                          r"needs.*--learn-init rtn or gptq"):
+        lowbit.quantize(model, "w4-g32", tokenizer=make_tokenizer(),
+                        calib=CalibConfig(method="learned", data=TEXTS, samples=2, seq_len=48, learn_init="awq"))
+
+
 def test_windows_go_through_the_block_as_one_batch_with_the_same_loss():
     """The batched loss (one forward of several windows, the block's kwargs captured for one window and
     broadcast) equals the mean of the windows' own losses."""
@@ -96,9 +128,10 @@ def test_windows_go_through_the_block_as_one_batch_with_the_same_loss():
     xs = [torch.randn(1, 24, model.config.hidden_size) for _ in range(3)]
     ys = [torch.randn(1, 24, model.config.hidden_size) for _ in range(3)]
     with torch.no_grad():
-        batched = learned._loss(layer, xs, ys, kwargs, "cpu", [0, 1, 2])
-        alone = sum(learned._loss(layer, xs, ys, kwargs, "cpu", [i]) for i in range(3)) / 3
-    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+        for loss in LEARN_LOSSES:
+            batched = learned._loss(layer, xs, ys, kwargs, "cpu", [0, 1, 2], loss)
+            alone = sum(learned._loss(layer, xs, ys, kwargs, "cpu", [i], loss) for i in range(3)) / 3
+            torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_the_targets_are_the_float_models_activations_not_the_float_block_on_quantized_inputs():
