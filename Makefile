@@ -39,6 +39,7 @@ bench: setup-test
 	.venv/bin/python benchmarks/calibrated.py --samples 32 --llmcompressor .peers/llmc-venv/bin/python
 	.venv/bin/python benchmarks/calib_memory.py speed
 	.venv/bin/python benchmarks/calib_memory.py capped --cap-gb 3.0
-	.venv/bin/python benchmarks/learned_qat.py learned --schemes w3-g128,w4-g128 --calib-windows 256
+	.venv/bin/python benchmarks/sink_share.py
+	.venv/bin/python benchmarks/learned_qat.py learned --schemes w4-g128,w3-g128 --calib-windows 256
 	.venv/bin/python benchmarks/learned_qat.py qat
 	.venv/bin/python benchmarks/artifact_memory.py

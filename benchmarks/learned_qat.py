@@ -2,7 +2,7 @@
 models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
-        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
+        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
         [--blocks N]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
@@ -10,7 +10,7 @@ learned: RTN, GPTQ, AWQ and `--method learned` at each scheme on the same calibr
 Wikipedia articles), mean KLD and top-1 against the off-grid FP32 model on other Wikipedia windows,
 and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md; with --blocks N (only the first N
 decoder blocks quantized, a probe for settings), "learned-<model>-firstN"; with --learn-init gptq|awq, the
-start appended ("learned-<model>-first4-awq").
+start appended ("learned-<model>-first4-awq"); with --learn-loss mse, "-mse" last.
 
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from benchmarks.presets import write_section  # noqa: E402
+from lowbit.calib.sequential import LEARN_INITS, LEARN_LOSSES  # noqa: E402
 
 
 def recipe(name: str):
@@ -240,8 +241,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="qat: windows of 256 tokens per step")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--learn-lr", type=float, default=None, help="learned rounding: None: 2 / steps")
-    ap.add_argument("--learn-init", choices=("rtn", "gptq", "awq"), default="rtn")
-    ap.add_argument("--learn-loss", choices=("relative", "mse"), default="relative",
+    ap.add_argument("--learn-init", choices=LEARN_INITS, default="rtn")
+    ap.add_argument("--learn-loss", choices=LEARN_LOSSES, default="relative",
                     help="learned rounding: per-token relative squared error (the default) or plain MSE")
     ap.add_argument("--learn-batch", type=int, default=4, help="learned rounding: calibration windows per step")
     ap.add_argument("--methods", default="rtn,gptq,awq,learned", help="learned: the methods to run (gptq among them)")
