@@ -291,6 +291,23 @@ def test_calibration_file_over_the_limit_is_refused_before_reading(tmp_path):
         refused(lambda: read_texts(str(path), tokenizer=None), f"calibration file {path}", "16 MB limit")
 
 
+def test_binary_calibration_file_is_refused_and_a_few_bad_bytes_are_not(tmp_path):
+    """A binary file passed as --calib (random bytes, or a model's NUL-padded header) is refused, naming the
+    file; real text with a stray Latin-1 byte is read, the byte replaced."""
+    import random
+
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(random.Random(0).randbytes(4000))
+    refused(lambda: read_texts(str(noise), tokenizer=None), f"calibration file {noise}", "not a text file")
+    nuls = tmp_path / "model.jsonl"
+    nuls.write_bytes(b"GGUF" + b"\x00" * 3000)
+    refused(lambda: read_texts(str(nuls), tokenizer=None), f"calibration file {nuls}", "control characters")
+    latin = tmp_path / "cafe.txt"
+    latin.write_bytes("The caf\xe9 opens at eight. ".encode("latin-1") * 20)
+    texts, _ = read_texts(str(latin), tokenizer=None)
+    assert "caf\ufffd opens" in texts[0]
+
+
 # -- 5. types and ranges -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme, field", [
     ({"kind": "int", "bits": 4, "granularity": "group", "group_size": 128, "symmetric": "false"}, "symmetric"),

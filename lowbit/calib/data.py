@@ -7,7 +7,8 @@ short prompts are packed rather than padded.
 
 A calibration file is at most MAX_CALIB_BYTES (16 MB, about 4 million tokens: more than 1024 windows
 of 2048 tokens), checked before it is read; a JSONL line at most MAX_LINE_CHARS (1 MB). Bytes that are
-not UTF-8 are replaced, not refused.
+not UTF-8 are replaced, not refused, unless they and control characters are over 5% of the file's first
+million characters (a binary file passed by mistake).
 """
 
 from __future__ import annotations
@@ -69,11 +70,21 @@ def _render_messages(messages, tokenizer, where: str) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)  # no template: plain transcript
 
 
+MAX_NOT_TEXT = 0.05  # share of undecodable bytes and control characters above which a file is not text
+
+
 def _read(path: Path) -> str:
     """The text of a calibration file, refused before the read when it is over MAX_CALIB_BYTES."""
     raw = read_bounded(path, "calibration file", MAX_CALIB_BYTES,
                        "fix: give a .txt or .jsonl file (the first few MB of text are plenty)")
-    return raw.decode("utf-8", errors="replace")
+    text = raw.decode("utf-8", errors="replace")
+    sample = text[:1_000_000]
+    odd = sum(1 for c in sample if c == "\ufffd" or (c < " " and c not in "\t\n\r\f"))
+    if sample and odd > MAX_NOT_TEXT * len(sample):
+        raise LowbitError(f"calibration file {path}: {100 * odd / len(sample):.0f}% of its first "
+                          f"{len(sample):,} characters are not UTF-8 text or are control characters: not a text "
+                          "file (a model, an archive?); fix: give UTF-8 text (.txt) or JSON lines (.jsonl)")
+    return text
 
 
 def read_jsonl(path: Path, tokenizer) -> list[str]:
