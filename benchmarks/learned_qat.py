@@ -2,7 +2,7 @@
 models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
-        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
+        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse|normed] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
         [--blocks N]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
@@ -124,7 +124,7 @@ def learned(args) -> str:
         body = learned_table(args, data, rows)  # written after each scheme: a run cut short keeps what it measured
         write_section(args.out, f"learned-{args.model}" + (f"-first{args.blocks}" if args.blocks else "")
                       + (f"-{args.learn_init}" if args.learn_init != "rtn" else "")
-                      + ("-mse" if args.learn_loss == "mse" else ""), body)
+                      + (f"-{args.learn_loss}" if args.learn_loss != "relative" else ""), body)
     return body
 
 
@@ -162,7 +162,10 @@ def learned_table(args, data, rows) -> str:
              + f"`learned`: {args.steps} signSGD steps per block (learning rate "
              f"{'%g' % args.learn_lr if args.learn_lr else '2/steps'}, decayed to 0), batch {args.learn_batch} windows, "
              f"started from {dict(gptq='GPTQ', awq='AWQ').get(args.learn_init, 'round to nearest')}, targets the float model's activations, "
-             + ("plain mean squared error." if args.learn_loss == "mse" else "each token's squared error over its target's squared norm.")
+             + {"mse": "plain mean squared error.",
+                "normed": "each token's squared error over its target's squared norm, every channel weighted by the "
+                          "squared gain of the norms that next read it (--learn-loss normed)."}.get(
+                 args.learn_loss, "each token's squared error over its target's squared norm.")
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
@@ -171,7 +174,7 @@ def learned_table(args, data, rows) -> str:
         lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
-        lines += ["", f"Learned rounding's block losses ({'MSE' if args.learn_loss == 'mse' else 'relative squared error'} against the float model's activations, mean over blocks): "
+        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
                   "on the held-back windows at the start and after learning; on the training "
                   "batches over the first and the last 10 steps."]
         for scheme, r in notes:
@@ -243,7 +246,8 @@ def main() -> None:
     ap.add_argument("--learn-lr", type=float, default=None, help="learned rounding: None: 2 / steps")
     ap.add_argument("--learn-init", choices=LEARN_INITS, default="rtn")
     ap.add_argument("--learn-loss", choices=LEARN_LOSSES, default="relative",
-                    help="learned rounding: per-token relative squared error (the default) or plain MSE")
+                    help="learned rounding: per-token relative squared error (the default), the same weighted "
+                         "per channel by the reading norms' squared gains (normed), or plain MSE")
     ap.add_argument("--learn-batch", type=int, default=4, help="learned rounding: calibration windows per step")
     ap.add_argument("--methods", default="rtn,gptq,awq,learned", help="learned: the methods to run (gptq among them)")
     ap.add_argument("--blocks", type=int, default=None,

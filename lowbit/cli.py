@@ -90,7 +90,9 @@ def quantize(
              "ranges). A gptq or awq start is kept wherever learning does not lower the held-back loss."),
     learn_loss: str = typer.Option("relative", "--learn-loss",
         help="--method learned: the block loss. relative (each token's squared error over its float "
-             "activation's squared norm, so the first token's huge activations do not drown the rest) or mse."),
+             "activation's squared norm, so the first token's huge activations do not drown the rest), normed "
+             "(relative, each channel weighted by the squared gain of the norms that next read it, so channels "
+             "those norms scale down count less) or mse."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 

@@ -59,19 +59,30 @@ class LearnOptions:
     lr: float | None = None  # None: 2 / steps (twice AutoRound's default: measured better here, see docs/qat.md)
     batch: int = 4  # calibration windows per step
     seed: int = 0
-    loss: str = "relative"  # "relative": each token's squared error over its target's square; "mse": plain
+    loss: str = "relative"  # "relative": each token's squared error over its target's square; "mse": plain;
+    # "normed": relative, each channel weighted by the squared gain of the norms that read it (weight)
+    weight: torch.Tensor | None = None  # "normed": (hidden,) per-channel factors; None: as "relative"
 
 
-def _err(y: torch.Tensor, t: torch.Tensor, loss: str) -> torch.Tensor:
+def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The block's output error against its target t, averaged over tokens. "mse": the plain mean squared
     error. "relative": each token's squared error divided by its target's squared norm. The residual stream
     of these models carries massive activations at the first position (the attention sink: from SmolLM2's
     block 11 on, a mean square about 745,000 against at most 740 elsewhere), and its absolute error is most
     of the plain MSE (87% at block 15 under RTN W4: benchmarks/sink_share.py) while the next RMSNorm divides
-    that magnitude away; the relative form weighs every token by the error the next block actually sees."""
+    that magnitude away; the relative form weighs every token by the error the next block actually sees.
+    "normed" (weight: one factor per channel, the squared gain of the norms that read the block's output;
+    see sequential.stream_weight): the relative error of what those norms pass on. Gemma 3's stream keeps
+    72-98% of its energy in four of its 640 channels at every position, channels its reading norms mostly
+    scale by 0.1-2 against a median of 2.6-29 (benchmarks/stream_channels.py); unweighted, those channels carry most of the error the relative
+    loss sees and the least of what the next block reads."""
     y, t = y.float(), t.float()
     if loss == "mse":
         return F.mse_loss(y, t)
+    if loss == "normed" and weight is not None:
+        w = weight.to(y.device, torch.float32)
+        d = ((y - t).pow(2) * w).sum(-1) / (t.pow(2) * w).sum(-1).clamp(min=1e-12)
+        return d.mean()
     d = (y - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)
     return d.mean()
 
@@ -188,7 +199,7 @@ def _unpatch(m: nn.Linear) -> None:
     m.__dict__.pop("forward", None)
 
 
-def _loss(layer, xs, ys, kwargs, device, idx, loss: str) -> torch.Tensor:
+def _loss(layer, xs, ys, kwargs, device, idx, loss: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The error (_err) of the block's outputs on windows idx. The windows go through the block as one
     batch (one fake-quantized weight per step, one larger GEMM); the block's other inputs (position
     embeddings, causal mask) were captured for one window and broadcast over the batch. Windows of
@@ -196,11 +207,11 @@ def _loss(layer, xs, ys, kwargs, device, idx, loss: str) -> torch.Tensor:
     if len(idx) > 1 and len({xs[i].shape for i in idx}) == 1:
         x = torch.cat([xs[i] for i in idx]).to(device)
         y = _block_out(layer(x, **kwargs))
-        return _err(y, torch.cat([ys[i] for i in idx]).to(device), loss)
+        return _err(y, torch.cat([ys[i] for i in idx]).to(device), loss, weight)
     total = 0.0
     for i in idx:
         y = _block_out(layer(xs[i].to(device), **kwargs))
-        total = total + _err(y, ys[i].to(device), loss)
+        total = total + _err(y, ys[i].to(device), loss, weight)
     return total / len(idx)
 
 
@@ -238,11 +249,11 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     trace: list[float] = []  # the training batches' losses
     try:
         with torch.no_grad():
-            loss_start = float(_loss(layer, xs, ys, kwargs, device, held, options.loss))  # V = 0, full range: the starting point
+            loss_start = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight))  # V = 0, full range: the starting point
         with torch.enable_grad():
             for step in range(options.steps):
                 batch = torch.randperm(len(train), generator=rng)[: options.batch].tolist()
-                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch], options.loss)
+                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch], options.loss, options.weight)
                 trace.append(float(loss.detach()))
                 for p in params:
                     p.grad = None
@@ -255,14 +266,15 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
                 for r in roundings.values():
                     r.clamp_()
         with torch.no_grad():
-            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held, options.loss))
+            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight))
     finally:
         for m in linears.values():
             _unpatch(m)
     keep = math.isfinite(loss_learned) and loss_learned <= loss_start
     out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
     start = sorted({init_name if r.init is not None else "rtn" for r in roundings.values()})
-    record = {"start": "+".join(start), "loss_start": loss_start, "loss_learned": loss_learned, "kept": keep,
+    loss_used = options.loss if options.loss != "normed" or options.weight is not None else "relative (no norm found)"
+    record = {"start": "+".join(start), "loss": loss_used, "loss_start": loss_start, "loss_learned": loss_learned, "kept": keep,
               "steps": options.steps, "loss_train_first": _mean(trace[:10]), "loss_train_last": _mean(trace[-10:]),
               "target": "float model" if xs_float is not None else "float block", "seconds": round(time.perf_counter() - t0, 1)}
     return out, record, ys

@@ -16,6 +16,8 @@ reader is then a no-op), which is how the tests check that streaming changes not
 
 from __future__ import annotations
 
+import copy
+
 import time
 import warnings
 from collections.abc import Callable
@@ -179,7 +181,7 @@ class LinearStats:
 
 # -- the loop ----------------------------------------------------------------------------------
 LEARN_INITS = ("rtn", "gptq", "awq")
-LEARN_LOSSES = ("relative", "mse")  # learned._err's two forms
+LEARN_LOSSES = ("relative", "mse", "normed")  # learned._err's forms
 
 
 def _searches_awq(method: str, options: CalibOptions) -> bool:
@@ -292,6 +294,37 @@ class _BlockLoop:
         if self.source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
             _offload(model, self.early)
 
+    def stream_weight(self, bi: int) -> torch.Tensor | None:
+        """Per channel, the mean squared gain of the norms that next read block bi's output: the next
+        block's input norm and its MLP-side norm on the stream (Gemma 3's pre_feedforward_layernorm, else
+        post_attention_layernorm), or the decoder's final norm after the last block. Each gain is probed,
+        not read from the weight: (norm(x) - norm(-x)) / 2x for x of alternating signs, so Llama's w and
+        Gemma's (1 + w) come out alike. None when no such norm is found (the loss is then "relative")."""
+        if bi + 1 < self.n_blocks:
+            layer = self.layers[bi + 1]
+            second = "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+            mods = [(f"{self.prefix}.{bi + 1}.{n}", getattr(layer, n, None)) for n in ("input_layernorm", second)]
+        else:
+            dec = self.prefix.rpartition(".")[0]
+            parent = self.model.get_submodule(dec) if dec else self.model
+            mods = [(f"{dec}.norm" if dec else "norm", getattr(parent, "norm", None))]
+        gains = []
+        for name, m in mods:
+            w = getattr(m, "weight", None)
+            if not isinstance(m, nn.Module) or not isinstance(w, torch.Tensor) or w.dim() != 1:
+                continue
+            if f"{name}.weight" in self.names:  # streamed: the module may not hold its weight yet
+                w = self.source.read(f"{name}.weight")
+            probe = copy.deepcopy(m).float()
+            probe.weight = nn.Parameter(w.detach().float().cpu(), requires_grad=False)
+            x = torch.ones(w.numel())
+            x[1::2] = -1.0
+            with torch.no_grad():
+                g = (probe(x[None]) - probe(-x[None]))[0] / (2 * x)
+            if torch.isfinite(g).all() and g.abs().max() > 0:
+                gains.append(g.pow(2))
+        return torch.stack(gains).mean(0) if gains else None
+
     def quantize_block(self, bi: int) -> None:
         """Statistics, scale folding and quantization of block bi, then its quantized outputs as the next inputs."""
         layer, device, options, method, progress = self.layers[bi], self.device, self.options, self.method, self.progress
@@ -332,7 +365,8 @@ class _BlockLoop:
                     learned_qt, rec, self.xs_float = learned.learn_block(
                         layer, linears, specs, xs, kwargs, device,
                         learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch,
-                                             loss=options.learn_loss),
+                                             loss=options.learn_loss,
+                                             weight=self.stream_weight(bi) if options.learn_loss == "normed" else None),
                         xs_float=self.xs_float, init=init, init_name=options.learn_init)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:  # the starting point is kept: round to nearest where no GPTQ/AWQ start was made

@@ -234,7 +234,9 @@ def test_held_memory_pair_measures_each_model_in_its_own_process(tmp_path):
         warnings.simplefilter("ignore")
         in_mem = lowbit.quantize(lowbit.load(str(tmp_path / "fp")), "w4-g32")
     again = latency.held_memory_pair(fp, in_mem, TEXT, cfg)
-    assert abs(again["candidate"]["rss_bytes"] - got["candidate"]["rss_bytes"]) < 30 * 2**20
+    assert again["candidate"]["rss_bytes"] < again["baseline"]["rss_bytes"] - 25 * 2**20, again
+    # the same artifact in two fresh processes: allocator retention alone moved it by 36 MB once (Intel Xeon)
+    assert abs(again["candidate"]["rss_bytes"] - got["candidate"]["rss_bytes"]) < 50 * 2**20
 
 
 @pytest.mark.slow  # a fresh Python process

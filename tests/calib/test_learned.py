@@ -224,3 +224,48 @@ def test_an_awq_start_is_awq_until_learning_moves_it():
         err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
                for k, m in (("learned", q), ("awq", awq_q), ("rtn", rtn))}
     assert err["learned"] < err["rtn"] and err["learned"] < 1.05 * err["awq"], err
+
+
+def _random_norms(model):
+    """Norm weights away from 1, so the gains the normed loss reads are visible."""
+    g = torch.Generator().manual_seed(3)
+    for n, p in model.named_parameters():
+        if "norm" in n:
+            p.data = torch.rand(p.shape, generator=g) * 2 + 0.1
+    return model
+
+
+def test_the_normed_loss_weighs_each_channel_by_the_gain_of_the_norms_that_read_it():
+    """_err "normed": with unit weights it is the relative loss; a channel of weight 0 does not count. The
+    weight the block loop gives block i is the mean squared gain of block i+1's two stream norms (Llama:
+    input and post-attention), and of the final norm after the last block."""
+    from lowbit.calib.sequential import _BlockLoop
+
+    t = torch.randn(1, 5, 4)
+    y = t.clone()
+    y[..., 0] += 3.0
+    torch.testing.assert_close(learned._err(y, t, "normed", torch.ones(4)), learned._err(y, t, "relative"))
+    w = torch.ones(4)
+    w[0] = 0
+    assert float(learned._err(y, t, "normed", w)) == 0.0
+    assert float(learned._err(y, t, "normed", None)) == float(learned._err(y, t, "relative"))  # no norm found
+    model = _random_norms(make_tiny_llama())
+    loop = _BlockLoop(model, W4, "learned", None, CalibOptions(learn_loss="normed"), None)
+    nxt = model.model.layers[1]
+    torch.testing.assert_close(loop.stream_weight(0), (nxt.input_layernorm.weight.detach() ** 2
+                                                       + nxt.post_attention_layernorm.weight.detach() ** 2) / 2)
+    torch.testing.assert_close(loop.stream_weight(1), model.model.norm.weight.detach() ** 2)
+
+
+def test_the_normed_loss_streamed_from_disk_equals_in_memory(tmp_path):
+    """Streamed, the next block's norm is read from the checkpoint (the module does not hold it yet): the
+    same result as in memory, and every block records the loss it used."""
+    from tests.conftest import save_hf
+
+    opts = CalibOptions(learn_steps=20, learn_batch=2, learn_loss="normed")
+    folder = save_hf(_random_norms(make_tiny_llama()), tmp_path / "tiny")
+    streamed = streamed_from(folder, W4, "learned", options=opts)
+    in_mem = in_memory(W4, "learned", load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48), opts,
+                       model=_random_norms(make_tiny_llama()))
+    assert same_state(streamed.module, in_mem.module)
+    assert {b["loss"] for b in streamed.calibration["learned_blocks"].values()} == {"normed"}
