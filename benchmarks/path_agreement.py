@@ -162,7 +162,7 @@ def main() -> None:
         "int8 in blocks of 32; a tiny float change flips a code, the flip moves later activations enough to flip "
         "many more, and the logits land one rounding noise away from where they were. That, not a wrong kernel, "
         "is why greedy text differs between instruction-set paths (and between lowbit and llama.cpp, which rounds "
-        "its activations the same way): every path stays as close to the reference as the others. Paths whose "
+        "its activations the same way): every native path stays as close to the reference as the others. Paths whose "
         "float operations are the same (avx2, avx512, avx512vnni share their float code and compute the same "
         "integer sums) agree to about one part in 10^7 on int4 presets, where the products are the same floats."])
     print(body)

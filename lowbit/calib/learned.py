@@ -74,8 +74,8 @@ def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | Non
     "normed" (weight: one factor per channel, the squared gain of the norms that read the block's output;
     see sequential.stream_weight): the relative error of what those norms pass on. Gemma 3's stream keeps
     72-98% of its energy in four of its 640 channels at every position, channels its reading norms mostly
-    scale by 0.1-2 against a median of 2.6-29 (benchmarks/stream_channels.py); unweighted, those channels carry most of the error the relative
-    loss sees and the least of what the next block reads."""
+    scale by 0.1-2 against a median of 2.6-29 (benchmarks/stream_channels.py); unweighted, those channels
+    carry most of the error the relative loss sees and the least of what the next block reads."""
     y, t = y.float(), t.float()
     if loss == "mse":
         return F.mse_loss(y, t)

@@ -17,7 +17,6 @@ reader is then a no-op), which is how the tests check that streaming changes not
 from __future__ import annotations
 
 import copy
-
 import time
 import warnings
 from collections.abc import Callable
