@@ -2,15 +2,17 @@
 models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
-        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse|normed] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
+        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse|normed|postnorm] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
         [--blocks N]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
 learned: RTN, GPTQ, AWQ and `--method learned` at each scheme on the same calibration windows (held-out
 Wikipedia articles), mean KLD and top-1 against the off-grid FP32 model on other Wikipedia windows,
 and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md; with --blocks N (only the first N
-decoder blocks quantized, a probe for settings), "learned-<model>-firstN"; with --learn-init gptq|awq, the
-start appended ("learned-<model>-first4-awq"); with --learn-loss mse, "-mse" last.
+decoder blocks quantized, a probe for settings), "learned-<model>-firstN"; with --schemes other than the
+default, each scheme appended ("learned-<model>-w4-g128"); with --steps other than 200 or --learn-batch
+other than 4, "-<N>steps" or "-batch<B>"; with --learn-init gptq|awq, the start appended
+("learned-<model>-first4-awq"); with --learn-loss other than relative, the loss last ("-mse", "-normed").
 
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
@@ -95,13 +97,17 @@ def fresh(base):
     return Model(copy.deepcopy(base.module), base.tokenizer, dict(base.source), base.folder)
 
 
+DEFAULT_SCHEMES = "w4-g128,w3-g128"
+
+
 def learned(args) -> str:
     from lowbit import api
     from lowbit.calib import CalibConfig
 
     base, samples, data = setup(args)
     rows = []
-    for scheme in args.schemes.split(","):
+    schemes = args.schemes.split(",")
+    for scheme in schemes:
         for method in args.methods.split(","):
             t0 = time.perf_counter()
             calib = None if method == "rtn" else CalibConfig(method=method, data=data, samples=data.ids.shape[0],
@@ -123,6 +129,9 @@ def learned(args) -> str:
             del q
         body = learned_table(args, data, rows)  # written after each scheme: a run cut short keeps what it measured
         write_section(args.out, f"learned-{args.model}" + (f"-first{args.blocks}" if args.blocks else "")
+                      + ("".join(f"-{s}" for s in schemes) if args.schemes != DEFAULT_SCHEMES else "")
+                      + (f"-{args.steps}steps" if args.steps != 200 else "")
+                      + (f"-batch{args.learn_batch}" if args.learn_batch != 4 else "")
                       + (f"-{args.learn_init}" if args.learn_init != "rtn" else "")
                       + (f"-{args.learn_loss}" if args.learn_loss != "relative" else ""), body)
     return body
@@ -164,7 +173,9 @@ def learned_table(args, data, rows) -> str:
              f"started from {dict(gptq='GPTQ', awq='AWQ').get(args.learn_init, 'round to nearest')}, targets the float model's activations, "
              + {"mse": "plain mean squared error.",
                 "normed": "each token's squared error over its target's squared norm, every channel weighted by the "
-                          "squared gain of the norms that next read it (--learn-loss normed)."}.get(
+                          "squared gain of the norms that next read it (--learn-loss normed).",
+                "postnorm": "each token's squared error after the norms that next read the stream (their gains "
+                            "and their division by the token's RMS) over its target's (--learn-loss postnorm)."}.get(
                  args.learn_loss, "each token's squared error over its target's squared norm.")
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
@@ -174,7 +185,7 @@ def learned_table(args, data, rows) -> str:
         lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
-        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
+        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error', postnorm='relative squared error after the next norms').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
                   "on the held-back windows at the start and after learning; on the training "
                   "batches over the first and the last 10 steps."]
         for scheme, r in notes:
@@ -236,7 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=("learned", "qat"))
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--schemes", default="w4-g128,w3-g128")
+    ap.add_argument("--schemes", default=DEFAULT_SCHEMES)
     ap.add_argument("--scheme", default="w4-g128")
     ap.add_argument("--steps", type=int, default=200, help="learned rounding: steps per block")
     ap.add_argument("--qat-steps", type=int, default=260, help="qat: 260 x 2 windows fit 30 min on 2 cores here")

@@ -92,7 +92,8 @@ def quantize(
         help="--method learned: the block loss. relative (each token's squared error over its float "
              "activation's squared norm, so the first token's huge activations do not drown the rest), normed "
              "(relative, each channel weighted by the squared gain of the norms that next read it, so channels "
-             "those norms scale down count less) or mse."),
+             "those norms scale down count less), postnorm (the relative error after those norms, applied "
+             "whole: their gains and their division by each token's RMS) or mse."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 

@@ -62,9 +62,11 @@ class LearnOptions:
     loss: str = "relative"  # "relative": each token's squared error over its target's square; "mse": plain;
     # "normed": relative, each channel weighted by the squared gain of the norms that read it (weight)
     weight: torch.Tensor | None = None  # "normed": (hidden,) per-channel factors; None: as "relative"
+    readers: list | None = None  # "postnorm": the norm modules that next read the output; None/empty: as "relative"
 
 
-def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | None = None,
+         readers: list | None = None) -> torch.Tensor:
     """The block's output error against its target t, averaged over tokens. "mse": the plain mean squared
     error. "relative": each token's squared error divided by its target's squared norm. The residual stream
     of these models carries massive activations at the first position (the attention sink: from SmolLM2's
@@ -75,10 +77,20 @@ def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | Non
     see sequential.stream_weight): the relative error of what those norms pass on. Gemma 3's stream keeps
     72-98% of its energy in four of its 640 channels at every position, channels its reading norms mostly
     scale by 0.1-2 against a median of 2.6-29 (benchmarks/stream_channels.py); unweighted, those channels
-    carry most of the error the relative loss sees and the least of what the next block reads."""
+    carry most of the error the relative loss sees and the least of what the next block reads.
+    "postnorm" (readers: the norm modules that next read the output): the relative error of the norms'
+    outputs, averaged over the norms. Unlike "normed" it keeps the division by each token's RMS: an error
+    in Gemma's four massive channels changes that RMS and so rescales every other channel the norm passes
+    on, while an error along the token's own direction is divided away."""
     y, t = y.float(), t.float()
     if loss == "mse":
         return F.mse_loss(y, t)
+    if loss == "postnorm" and readers:
+        total = 0.0
+        for r in readers:
+            ry, rt = r(y).float(), r(t).float()
+            total = total + ((ry - rt).pow(2).sum(-1) / rt.pow(2).sum(-1).clamp(min=1e-12)).mean()
+        return total / len(readers)
     if loss == "normed" and weight is not None:
         w = weight.to(y.device, torch.float32)
         d = ((y - t).pow(2) * w).sum(-1) / (t.pow(2) * w).sum(-1).clamp(min=1e-12)
@@ -199,7 +211,8 @@ def _unpatch(m: nn.Linear) -> None:
     m.__dict__.pop("forward", None)
 
 
-def _loss(layer, xs, ys, kwargs, device, idx, loss: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+def _loss(layer, xs, ys, kwargs, device, idx, loss: str, weight: torch.Tensor | None = None,
+          readers: list | None = None) -> torch.Tensor:
     """The error (_err) of the block's outputs on windows idx. The windows go through the block as one
     batch (one fake-quantized weight per step, one larger GEMM); the block's other inputs (position
     embeddings, causal mask) were captured for one window and broadcast over the batch. Windows of
@@ -207,11 +220,11 @@ def _loss(layer, xs, ys, kwargs, device, idx, loss: str, weight: torch.Tensor | 
     if len(idx) > 1 and len({xs[i].shape for i in idx}) == 1:
         x = torch.cat([xs[i] for i in idx]).to(device)
         y = _block_out(layer(x, **kwargs))
-        return _err(y, torch.cat([ys[i] for i in idx]).to(device), loss, weight)
+        return _err(y, torch.cat([ys[i] for i in idx]).to(device), loss, weight, readers)
     total = 0.0
     for i in idx:
         y = _block_out(layer(xs[i].to(device), **kwargs))
-        total = total + _err(y, ys[i].to(device), loss, weight)
+        total = total + _err(y, ys[i].to(device), loss, weight, readers)
     return total / len(idx)
 
 
@@ -249,11 +262,11 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     trace: list[float] = []  # the training batches' losses
     try:
         with torch.no_grad():
-            loss_start = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight))  # V = 0, full range: the starting point
+            loss_start = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight, options.readers))  # V = 0, full range: the starting point
         with torch.enable_grad():
             for step in range(options.steps):
                 batch = torch.randperm(len(train), generator=rng)[: options.batch].tolist()
-                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch], options.loss, options.weight)
+                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch], options.loss, options.weight, options.readers)
                 trace.append(float(loss.detach()))
                 for p in params:
                     p.grad = None
@@ -266,14 +279,15 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
                 for r in roundings.values():
                     r.clamp_()
         with torch.no_grad():
-            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight))
+            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight, options.readers))
     finally:
         for m in linears.values():
             _unpatch(m)
     keep = math.isfinite(loss_learned) and loss_learned <= loss_start
     out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
     start = sorted({init_name if r.init is not None else "rtn" for r in roundings.values()})
-    loss_used = options.loss if options.loss != "normed" or options.weight is not None else "relative (no norm found)"
+    found = {"normed": options.weight is not None, "postnorm": bool(options.readers)}.get(options.loss, True)
+    loss_used = options.loss if found else "relative (no norm found)"
     record = {"start": "+".join(start), "loss": loss_used, "loss_start": loss_start, "loss_learned": loss_learned, "kept": keep,
               "steps": options.steps, "loss_train_first": _mean(trace[:10]), "loss_train_last": _mean(trace[-10:]),
               "target": "float model" if xs_float is not None else "float block", "seconds": round(time.perf_counter() - t0, 1)}

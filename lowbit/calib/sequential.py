@@ -58,7 +58,7 @@ class CalibOptions:
     learn_lr: float | None = None  # learned rounding: None: 2 / learn_steps
     learn_batch: int = 4  # learned rounding: calibration windows per step
     learn_init: str = "rtn"  # learned rounding: start from the nearest rounding ("rtn"), GPTQ's ("gptq") or AWQ's ("awq")
-    learn_loss: str = "relative"  # learned rounding: per-token relative squared error, or plain "mse" (learned.py)
+    learn_loss: str = "relative"  # learned rounding: LEARN_LOSSES, the forms of learned._err
     device: str | None = None  # None: CUDA when present, else CPU
 
 
@@ -180,7 +180,7 @@ class LinearStats:
 
 # -- the loop ----------------------------------------------------------------------------------
 LEARN_INITS = ("rtn", "gptq", "awq")
-LEARN_LOSSES = ("relative", "mse", "normed")  # learned._err's forms
+LEARN_LOSSES = ("relative", "mse", "normed", "postnorm")  # learned._err's forms
 
 
 def _searches_awq(method: str, options: CalibOptions) -> bool:
@@ -293,12 +293,11 @@ class _BlockLoop:
         if self.source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
             _offload(model, self.early)
 
-    def stream_weight(self, bi: int) -> torch.Tensor | None:
-        """Per channel, the mean squared gain of the norms that next read block bi's output: the next
-        block's input norm and its MLP-side norm on the stream (Gemma 3's pre_feedforward_layernorm, else
-        post_attention_layernorm), or the decoder's final norm after the last block. Each gain is probed,
-        not read from the weight: (norm(x) - norm(-x)) / 2x for x of alternating signs, so Llama's w and
-        Gemma's (1 + w) come out alike. None when no such norm is found (the loss is then "relative")."""
+    def stream_readers(self, bi: int) -> list[nn.Module]:
+        """Float copies of the norms that next read block bi's output: the next block's input norm and its
+        MLP-side norm on the stream (Gemma 3's pre_feedforward_layernorm, else post_attention_layernorm), or
+        the decoder's final norm after the last block; their weights read from the checkpoint when
+        streaming (the module may not hold its weight yet). Empty when no such norm is found."""
         if bi + 1 < self.n_blocks:
             layer = self.layers[bi + 1]
             second = "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
@@ -307,16 +306,26 @@ class _BlockLoop:
             dec = self.prefix.rpartition(".")[0]
             parent = self.model.get_submodule(dec) if dec else self.model
             mods = [(f"{dec}.norm" if dec else "norm", getattr(parent, "norm", None))]
-        gains = []
+        readers = []
         for name, m in mods:
             w = getattr(m, "weight", None)
             if not isinstance(m, nn.Module) or not isinstance(w, torch.Tensor) or w.dim() != 1:
                 continue
-            if f"{name}.weight" in self.names:  # streamed: the module may not hold its weight yet
+            if f"{name}.weight" in self.names:
                 w = self.source.read(f"{name}.weight")
             probe = copy.deepcopy(m).float()
             probe.weight = nn.Parameter(w.detach().float().cpu(), requires_grad=False)
-            x = torch.ones(w.numel())
+            readers.append(probe)
+        return readers
+
+    def stream_weight(self, bi: int) -> torch.Tensor | None:
+        """Per channel, the mean squared gain of the norms that next read block bi's output (stream_readers).
+        Each gain is probed, not read from the weight: (norm(x) - norm(-x)) / 2x for x of alternating signs,
+        so Llama's w and Gemma's (1 + w) come out alike. None when no such norm is found (the loss is then
+        "relative")."""
+        gains = []
+        for probe in self.stream_readers(bi):
+            x = torch.ones(probe.weight.numel())
             x[1::2] = -1.0
             with torch.no_grad():
                 g = (probe(x[None]) - probe(-x[None]))[0] / (2 * x)
@@ -365,7 +374,8 @@ class _BlockLoop:
                         layer, linears, specs, xs, kwargs, device,
                         learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch,
                                              loss=options.learn_loss,
-                                             weight=self.stream_weight(bi) if options.learn_loss == "normed" else None),
+                                             weight=self.stream_weight(bi) if options.learn_loss == "normed" else None,
+                                             readers=self.stream_readers(bi) if options.learn_loss == "postnorm" else None),
                         xs_float=self.xs_float, init=init, init_name=options.learn_init)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:  # the starting point is kept: round to nearest where no GPTQ/AWQ start was made

@@ -37,4 +37,4 @@ def test_quantize_bad_calibration_exits_2(tiny_dir, tmp_path):
     assert_clean_failure(r, "--learn-init 'foo' is unknown", out=out)
     r = run("quantize", "--model", tiny_dir, "--recipe", "w4-g32", "--method", "learned", "--learn-loss", "l1",
             "--out", out)
-    assert_clean_failure(r, "--learn-loss 'l1' is unknown; use one of relative, mse, normed", out=out)
+    assert_clean_failure(r, "--learn-loss 'l1' is unknown; use one of relative, mse, normed, postnorm", out=out)
