@@ -185,11 +185,14 @@ def evaluate(baseline: Model | str | Path, candidate: Model | str | Path, *, sui
 
 
 def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, quick: bool = False,
-         kv_cache: str | None = None, say: Say | None = None) -> dict:
+         kv_cache: str | None = None, say: Say | None = None, reuse: dict | None = None) -> dict:
     """Check a candidate against success criteria (a YAML spec file, "default", or a parsed
     lowbit.eval.gate.Spec): the evaluation the
     spec asks for, the latency benchmark when it has latency criteria, and the verdict. Returns the run
-    dict; run["gate"]["passed"] is the verdict and run["gate"]["criteria"] every row."""
+    dict; run["gate"]["passed"] is the verdict and run["gate"]["criteria"] every row.
+    reuse: the run of an earlier gate on this same candidate (the tuner's quality stage): its divergence
+    is taken instead of measured again when it ran with the same eval settings and quick flag, and its
+    process memory when the bench settings match too (run["settings"] records both)."""
     from lowbit.data.corpora import wikipedia_text
     from lowbit.eval.gate import Spec, load_spec
     from lowbit.eval.gate import evaluate as verdict
@@ -209,7 +212,12 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
     cfg = BenchConfig(**{**({"requests": 4, "warmup": 1, "prompt_tokens": 64, "output_tokens": 16} if quick else {}),
                          **sp.section("bench")})
     held = held_error = None
-    if "rss_reduction_pct" in sp.section("memory"):  # fresh processes, left to run beside the evaluation
+    settings = _settings(config, cfg)
+    same = reuse is not None and reuse.get("quick") == quick and (reuse.get("settings") or {}).get("eval") == settings["eval"]
+    same_mem = same and reuse["settings"].get("bench") == settings["bench"] and bool(reuse.get("process_memory"))
+    if same_mem and "rss_reduction_pct" in sp.section("memory"):
+        say("process memory: measured by the earlier stage, reused")
+    elif "rss_reduction_pct" in sp.section("memory"):  # fresh processes, left to run beside the evaluation
         from dataclasses import asdict
 
         from lowbit.benchmark.latency import HeldMemory
@@ -223,12 +231,15 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
         except (LowbitError, RuntimeError, OSError) as e:
             held_error = f"{type(e).__name__}: {e}"
     try:
-        run = _evaluate(base, cand, config, say)
+        run = _evaluate(base, cand, config, say, reuse_divergence=reuse.get("divergence") if same else None)
     except BaseException:
         if held is not None:
             held.close()
         raise
     run["kind"] = "gate"
+    run["settings"] = settings
+    if same_mem and "rss_reduction_pct" in sp.section("memory"):
+        run["process_memory"] = reuse["process_memory"]
     if held is not None:  # before the latency benchmark: nothing else may run while it times
         try:
             run["process_memory"] = held.result()
@@ -247,6 +258,14 @@ def gate(spec, baseline: Model | str | Path, candidate: Model | str | Path, *, q
             run["bench_error"] = f"{type(e).__name__}: {e}"
     run["gate"] = verdict(sp, run)
     return run
+
+
+def _settings(config: EvalConfig, cfg: BenchConfig) -> dict:
+    """What a gate's divergence and process memory depend on, to tell whether an earlier run's can be reused."""
+    from dataclasses import asdict
+
+    return {"eval": {"n_seq": config.n_seq, "n_samples": config.n_samples, "worst": config.worst,
+                     "kv_cache": config.kv_cache}, "bench": asdict(cfg)}
 
 
 def bench(baseline: Model | str | Path, candidate: Model | str | Path, *, config: BenchConfig | None = None,

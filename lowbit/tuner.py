@@ -167,7 +167,7 @@ def _quality_only(sp: Spec) -> Spec | None:
     if not q or not (sp.suites or sp.section("latency")):
         return None  # nothing to skip: the whole spec is this stage (running both would measure it twice)
     data = {"quality": q}
-    for key in ("memory", "eval"):
+    for key in ("memory", "eval", "bench"):  # the same measurements as the full spec's, so the full stage reuses them
         if sp.section(key):
             data[key] = sp.section(key)
     return parse_spec(data, f"{sp.source} (quality criteria)")
@@ -479,7 +479,7 @@ def _run_trial(t: Trial, base: Model, data: CalibData, meas: Measurement, sp: Sp
         t.stage = "quality"
     if run is None or run["gate"]["passed"]:
         step("full spec")
-        run = api.gate(sp, base, cand, quick=cfg.quick, say=step)
+        run = api.gate(sp, base, cand, quick=cfg.quick, say=step, reuse=run)  # the quality stage's divergence
         t.stage = "full"
     rows = run["gate"]["criteria"]
     t.passed, t.criteria, t.failed = run["gate"]["passed"], rows, [r for r in rows if r["passed"] is False]

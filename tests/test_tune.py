@@ -277,3 +277,43 @@ def test_a_calibrated_method_far_above_the_estimate_falls_back_to_rtn(tmp_path):
     assert methods[0] == "gptq" and "rtn" in methods, [t.summary() for t in res.trials]
     assert any("RTN instead of gptq" in t.why for t in res.trials)
     assert res.passed and res.best.method == "rtn"
+
+
+def test_the_full_stage_reuses_the_quality_stages_divergence(tiny_dir, monkeypatch):
+    """A spec with suites runs a trial in two stages (quality criteria, then the whole spec); a trial that
+    passes the first is not measured twice: the second reuses its divergence, and says so."""
+    from lowbit.eval import divergence
+
+    calls = []
+    real = divergence.compare
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(divergence, "compare", counting)
+    sp = parse_spec({**SPEC, "quality": {"max_mean_kld": 1.0, "suites": {"jargon": {"max_kld": 100.0}}}}, "two stages")
+    said = []
+    res = tune(str(tiny_dir), TuneConfig(spec=sp, max_bits=5.0, max_trials=1, quick=True, **FAST), record=False,
+               say=said.append)
+    t = res.trials[0]
+    assert t.stage == "full" and t.passed, t.summary()
+    assert len(calls) == 1, calls
+    assert any("measured by the earlier stage, reused" in s for s in said)
+    assert t.mean_kld is not None and [r for r in t.criteria if r["name"] == "mean KLD"]
+
+
+def test_a_gate_reuses_divergence_only_under_the_same_eval_settings(tiny_dir, base, monkeypatch):
+    from lowbit.eval import divergence
+
+    cand = lowbit.quantize(lowbit.load(str(tiny_dir)), "int8")
+    first = lowbit.gate(parse_spec(SPEC, "a"), base, cand, quick=True)
+    calls = []
+    monkeypatch.setattr(divergence, "compare", lambda *a, **k: calls.append(1) or first["divergence"])
+    again = lowbit.gate(parse_spec(SPEC, "a"), base, cand, quick=True, reuse=first)
+    assert calls == [] and again["divergence"] == first["divergence"]
+    other = {**SPEC, "eval": {"samples": 3, "seq_len": 32}}
+    lowbit.gate(parse_spec(other, "b"), base, cand, quick=True, reuse=first)
+    assert calls == [1]  # other samples: measured again
+    lowbit.gate(parse_spec(SPEC, "a"), base, cand, quick=False, reuse=first)
+    assert calls == [1, 1]  # not quick: measured again

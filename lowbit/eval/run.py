@@ -80,7 +80,11 @@ def load_pair(baseline: str | Model, candidate: str | Model, say: Say) -> tuple[
     return base, cand
 
 
-def evaluate(base: Model, cand: Model, opts: EvalConfig, say: Say = lambda s: None) -> dict:
+def evaluate(base: Model, cand: Model, opts: EvalConfig, say: Say = lambda s: None,
+             reuse_divergence: dict | None = None) -> dict:
+    """Divergence on Wikipedia samples, then each suite. reuse_divergence: the "divergence" of an earlier
+    run of this same candidate under the same eval settings (the tuner's quality stage), taken as it is
+    instead of measured again."""
     if opts.kv_cache is not None:  # before anything runs: every pass of the candidate reads this cache
         cand.kv_cache = opts.kv_cache
     t0 = time.perf_counter()
@@ -88,11 +92,15 @@ def evaluate(base: Model, cand: Model, opts: EvalConfig, say: Say = lambda s: No
                  "lowbit_version": __version__, "quick": opts.quick,
                  "baseline": identity(base), "candidate": {**identity(cand), "kv_cache": cand.kv_cache}, "suites": []}
     texts = [(title, body) for title, body in wikipedia_articles()]
-    samples = divergence.make_samples(base.tokenizer, texts, opts.n_seq, opts.n_samples)
-    say(f"divergence: {len(samples)} Wikipedia samples x {opts.n_seq} tokens")
-    with torch.no_grad():
-        # cached only for a float baseline: an artifact's source sha256 names its float model, not itself
-        run["divergence"] = divergence.compare(base.module, cand.module, samples, baseline_key(base), opts.worst)
+    if reuse_divergence is not None:
+        say("divergence: measured by the earlier stage, reused")
+        run["divergence"] = reuse_divergence
+    else:
+        samples = divergence.make_samples(base.tokenizer, texts, opts.n_seq, opts.n_samples)
+        say(f"divergence: {len(samples)} Wikipedia samples x {opts.n_seq} tokens")
+        with torch.no_grad():
+            # cached only for a float baseline: an artifact's source sha256 names its float model, not itself
+            run["divergence"] = divergence.compare(base.module, cand.module, samples, baseline_key(base), opts.worst)
     for name in opts.suites:
         say(f"suite: {name}")
         result = text_suites.general(run["divergence"]) if name == "general" else run_suite(name, base, cand, opts)
