@@ -491,12 +491,15 @@ def test_write_spec_is_atomic_and_refuses_to_overwrite(tmp_path):
 
 def test_the_module_keeps_to_its_layer():
     """lowbit.recommend sits at L7 (beside lowbit.api): only lower layers, no private names."""
-    from tests.test_layers import layers_from_doc, violations
+    from tests.test_layers import layers_from_doc, module_name, violations
 
     table = {**layers_from_doc(), "lowbit.recommend": 7}
-    source = (ROOT / "lowbit" / "recommend.py").read_text()
-    assert not violations(source, "lowbit.recommend", table)
-    assert "lowbit.api" not in source and "lowbit.cli" not in source
+    files = sorted((ROOT / "lowbit" / "recommend").glob("*.py"))
+    assert files
+    for path in files:
+        source = path.read_text()
+        assert not violations(source, module_name(path), table, path.name == "__init__.py")
+        assert "lowbit.api" not in source and "lowbit.cli" not in source
 
 
 # ---- slow: real files -----------------------------------------------------------------------------
