@@ -185,7 +185,7 @@ def learned_table(args, data, rows) -> str:
         lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
-        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error', postnorm='relative squared error after the next norms').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
+        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error', postnorm='relative squared error after the next norms,').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
                   "on the held-back windows at the start and after learning; on the training "
                   "batches over the first and the last 10 steps."]
         for scheme, r in notes:
