@@ -37,6 +37,7 @@ def measure(args) -> list[dict]:
 
     from lowbit import api
     from lowbit.calib.sequential import CalibOptions, _block_out, _BlockLoop
+    from lowbit.calib.learned import _err
     from lowbit.data.corpora import wikipedia_articles
 
     base = api.load(str(offgrid_path(args.model)))
@@ -64,11 +65,10 @@ def measure(args) -> list[dict]:
         top = ms.topk(args.top).indices
         w = loop.stream_weight(i)
         gain = w.sqrt()
-        per_tok = lambda wt: float((((y - t).pow(2) * wt).sum(-1) / (t.pow(2) * wt).sum(-1)).mean())  # noqa: E731
         rows.append({"block": i, "channels": top.tolist(), "energy": float(ms[top].sum() / ms.sum()),
                      "error": float(err[top].sum() / err.sum()),
                      "gain_top": [float(g) for g in gain[top]], "gain_median": float(gain.median()),
-                     "rel": per_tok(torch.ones_like(w)), "normed": per_tok(w)})
+                     "rel": float(_err(y, t, "relative")), "normed": float(_err(y, t, "normed", w))})
     return rows
 
 
