@@ -2,7 +2,7 @@
 models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they were shipped on).
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
-        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse|normed|postnorm] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
+        [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse|normed|postnorm|lookahead] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
         [--blocks N]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
@@ -175,7 +175,10 @@ def learned_table(args, data, rows) -> str:
                 "normed": "each token's squared error over its target's squared norm, every channel weighted by the "
                           "squared gain of the norms that next read it (--learn-loss normed).",
                 "postnorm": "each token's squared error after the norms that next read the stream (their gains "
-                            "and their division by the token's RMS) over its target's (--learn-loss postnorm)."}.get(
+                            "and their division by the token's RMS) over its target's (--learn-loss postnorm).",
+                "lookahead": "the mean of two errors, each a token's squared error after the norms that next read "
+                             "the stream over its target's: at this block's output and at the output of the next "
+                             "block, run in float on it (--learn-loss lookahead; the last block: the first alone)."}.get(
                  args.learn_loss, "each token's squared error over its target's squared norm.")
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
@@ -185,7 +188,7 @@ def learned_table(args, data, rows) -> str:
         lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
-        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error', postnorm='relative squared error after the next norms,').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
+        lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error', postnorm='relative squared error after the next norms,', lookahead='relative squared error after the next norms, here and one block on,').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
                   "on the held-back windows at the start and after learning; on the training "
                   "batches over the first and the last 10 steps."]
         for scheme, r in notes:
@@ -258,7 +261,8 @@ def main() -> None:
     ap.add_argument("--learn-init", choices=LEARN_INITS, default="rtn")
     ap.add_argument("--learn-loss", choices=LEARN_LOSSES, default="relative",
                     help="learned rounding: per-token relative squared error (the default), the same weighted "
-                         "per channel by the reading norms' squared gains (normed), or plain MSE")
+                         "per channel by the reading norms' squared gains (normed), the relative error after "
+                         "those norms (postnorm), that and the same one block further on (lookahead), or plain MSE")
     ap.add_argument("--learn-batch", type=int, default=4, help="learned rounding: calibration windows per step")
     ap.add_argument("--methods", default="rtn,gptq,awq,learned", help="learned: the methods to run (gptq among them)")
     ap.add_argument("--blocks", type=int, default=None,

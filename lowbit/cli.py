@@ -93,7 +93,9 @@ def quantize(
              "activation's squared norm, so the first token's huge activations do not drown the rest), normed "
              "(relative, each channel weighted by the squared gain of the norms that next read it, so channels "
              "those norms scale down count less), postnorm (the relative error after those norms, applied "
-             "whole: their gains and their division by each token's RMS) or mse."),
+             "whole: their gains and their division by each token's RMS), lookahead (postnorm at this block's "
+             "output and again after the next block, run in float on it, averaged: the error as the next "
+             "block passes it on; one more float block in memory, about twice the time) or mse."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 

@@ -62,7 +62,10 @@ class LearnOptions:
     loss: str = "relative"  # "relative": each token's squared error over its target's square; "mse": plain;
     # "normed": relative, each channel weighted by the squared gain of the norms that read it (weight)
     weight: torch.Tensor | None = None  # "normed": (hidden,) per-channel factors; None: as "relative"
-    readers: list | None = None  # "postnorm": the norm modules that next read the output; None/empty: as "relative"
+    readers: list | None = None  # "postnorm"/"lookahead": the norm modules that next read the output; None/empty: as "relative"
+    # "lookahead": (the next block, its keyword arguments, the norms that read its output), the next block
+    # kept in float and frozen; None (the last block): as "postnorm"
+    ahead: tuple | None = None
 
 
 def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | None = None,
@@ -85,7 +88,7 @@ def _err(y: torch.Tensor, t: torch.Tensor, loss: str, weight: torch.Tensor | Non
     y, t = y.float(), t.float()
     if loss == "mse":
         return F.mse_loss(y, t)
-    if loss == "postnorm" and readers:
+    if loss in ("postnorm", "lookahead") and readers:
         total = 0.0
         for r in readers:
             ry, rt = r(y).float(), r(t).float()
@@ -212,19 +215,27 @@ def _unpatch(m: nn.Linear) -> None:
 
 
 def _loss(layer, xs, ys, kwargs, device, idx, loss: str, weight: torch.Tensor | None = None,
-          readers: list | None = None) -> torch.Tensor:
+          readers: list | None = None, ahead: tuple | None = None, ys2: list | None = None) -> torch.Tensor:
     """The error (_err) of the block's outputs on windows idx. The windows go through the block as one
     batch (one fake-quantized weight per step, one larger GEMM); the block's other inputs (position
     embeddings, causal mask) were captured for one window and broadcast over the batch. Windows of
-    unequal length (a user's short last window) go one at a time."""
+    unequal length (a user's short last window) go one at a time. ahead ("lookahead"): the outputs go on
+    through the float next block as well, and the loss is the mean of the two blocks' errors after their
+    reading norms (ys2: the next block's float targets)."""
+    def err(y, i_s):
+        e = _err(y, torch.cat([ys[i] for i in i_s]).to(device), loss, weight, readers)
+        if ahead is None:
+            return e
+        nxt, nkw, nreaders = ahead
+        y2 = _block_out(nxt(y, **nkw))
+        return (e + _err(y2, torch.cat([ys2[i] for i in i_s]).to(device), loss, None, nreaders)) / 2
+
     if len(idx) > 1 and len({xs[i].shape for i in idx}) == 1:
         x = torch.cat([xs[i] for i in idx]).to(device)
-        y = _block_out(layer(x, **kwargs))
-        return _err(y, torch.cat([ys[i] for i in idx]).to(device), loss, weight, readers)
+        return err(_block_out(layer(x, **kwargs)), idx)
     total = 0.0
     for i in idx:
-        y = _block_out(layer(xs[i].to(device), **kwargs))
-        total = total + _err(y, ys[i].to(device), loss, weight, readers)
+        total = total + err(_block_out(layer(xs[i].to(device), **kwargs)), [i])
     return total / len(idx)
 
 
@@ -246,6 +257,15 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     if not linears:  # a block the recipe keeps in float: nothing to learn, only the float stream moves on
         return {}, {"steps": 0, "kept": True, "skipped": "no quantized Linear",
                     "seconds": round(time.perf_counter() - t0, 1)}, ys
+    ahead = options.ahead if options.loss == "lookahead" else None
+    ys2, frozen = None, []
+    if ahead is not None:  # the next block's float outputs on the float stream: the second target
+        nxt, nkw, _ = ahead
+        frozen = [p for p in nxt.parameters() if p.requires_grad]
+        for p in frozen:  # gradients flow through it to this block's weights, never into it
+            p.requires_grad_(False)
+        with torch.no_grad():
+            ys2 = [_block_out(nxt(y.to(device), **nkw)).to("cpu", y.dtype) for y in ys]
     rng = torch.Generator().manual_seed(options.seed)
     n = len(xs)
     held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]  # held back to judge the result
@@ -262,11 +282,11 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
     trace: list[float] = []  # the training batches' losses
     try:
         with torch.no_grad():
-            loss_start = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight, options.readers))  # V = 0, full range: the starting point
+            loss_start = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight, options.readers, ahead, ys2))  # V = 0, full range: the starting point
         with torch.enable_grad():
             for step in range(options.steps):
                 batch = torch.randperm(len(train), generator=rng)[: options.batch].tolist()
-                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch], options.loss, options.weight, options.readers)
+                loss = _loss(layer, xs, ys, kwargs, device, [train[b] for b in batch], options.loss, options.weight, options.readers, ahead, ys2)
                 trace.append(float(loss.detach()))
                 for p in params:
                     p.grad = None
@@ -279,15 +299,20 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
                 for r in roundings.values():
                     r.clamp_()
         with torch.no_grad():
-            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight, options.readers))
+            loss_learned = float(_loss(layer, xs, ys, kwargs, device, held, options.loss, options.weight, options.readers, ahead, ys2))
     finally:
         for m in linears.values():
             _unpatch(m)
+        for p in frozen:
+            p.requires_grad_(True)
     keep = math.isfinite(loss_learned) and loss_learned <= loss_start
     out = {name: r.qtensor(learned=keep) for name, r in roundings.items()}
     start = sorted({init_name if r.init is not None else "rtn" for r in roundings.values()})
-    found = {"normed": options.weight is not None, "postnorm": bool(options.readers)}.get(options.loss, True)
+    found = {"normed": options.weight is not None, "postnorm": bool(options.readers),
+             "lookahead": bool(options.readers)}.get(options.loss, True)
     loss_used = options.loss if found else "relative (no norm found)"
+    if options.loss == "lookahead" and found and ahead is None:
+        loss_used = "postnorm (last block: no block ahead)"
     record = {"start": "+".join(start), "loss": loss_used, "loss_start": loss_start, "loss_learned": loss_learned, "kept": keep,
               "steps": options.steps, "loss_train_first": _mean(trace[:10]), "loss_train_last": _mean(trace[-10:]),
               "target": "float model" if xs_float is not None else "float block", "seconds": round(time.perf_counter() - t0, 1)}

@@ -180,7 +180,7 @@ class LinearStats:
 
 # -- the loop ----------------------------------------------------------------------------------
 LEARN_INITS = ("rtn", "gptq", "awq")
-LEARN_LOSSES = ("relative", "mse", "normed", "postnorm")  # learned._err's forms
+LEARN_LOSSES = ("relative", "mse", "normed", "postnorm", "lookahead")  # learned._err's forms
 
 
 def _searches_awq(method: str, options: CalibOptions) -> bool:
@@ -264,6 +264,7 @@ class _BlockLoop:
         decoder_prefix = self.prefix.rpartition(".")[0] + "." if "." in self.prefix else ""
         self.early = [n for n in self.names if n not in self.block_names and n.startswith(decoder_prefix)]
         self.records = {"fallbacks": [], "awq_ratios": {}, "learned": {}}
+        self.filled: set[int] = set()  # blocks whose weights were read from the source
         self.imatrix: dict[str, torch.Tensor] = {}
         self.maps = (mappings_for(getattr(model.config, "model_type", ""),
                                   "--method learned --learn-init awq" if method == "learned" else method)
@@ -333,12 +334,26 @@ class _BlockLoop:
                 gains.append(g.pow(2))
         return torch.stack(gains).mean(0) if gains else None
 
+    def _fill_block(self, bi: int) -> None:
+        if bi not in self.filled:
+            self.filled.add(bi)
+            _fill(self.model, self.source, sorted(n for n in self.block_names if n.startswith(f"{self.prefix}.{bi}.")), self.dtype)
+
+    def block_ahead(self, bi: int) -> tuple | None:
+        """The "lookahead" loss's next block (read from the source now when streaming: one more float block
+        in memory while block bi learns), its keyword arguments and its reading norms; None after the last."""
+        if bi + 1 >= self.n_blocks:
+            return None
+        self._fill_block(bi + 1)
+        nxt = self.layers[bi + 1].to(self.device)
+        return nxt, _to(self.block_kwargs[bi + 1], self.device), self.stream_readers(bi + 1)
+
     def quantize_block(self, bi: int) -> None:
         """Statistics, scale folding and quantization of block bi, then its quantized outputs as the next inputs."""
         layer, device, options, method, progress = self.layers[bi], self.device, self.options, self.method, self.progress
         by_name, xs, forward = self.by_name, self.xs, self.forward
         bprefix = f"{self.prefix}.{bi}."
-        _fill(self.model, self.source, sorted(n for n in self.block_names if n.startswith(bprefix)), self.dtype)
+        self._fill_block(bi)
         if progress:
             progress(f"block {bi}: statistics", bi, self.n_blocks)
         kwargs = _to(self.block_kwargs[bi], device)
@@ -375,7 +390,8 @@ class _BlockLoop:
                         learned.LearnOptions(options.learn_steps, options.learn_lr, options.learn_batch,
                                              loss=options.learn_loss,
                                              weight=self.stream_weight(bi) if options.learn_loss == "normed" else None,
-                                             readers=self.stream_readers(bi) if options.learn_loss == "postnorm" else None),
+                                             readers=self.stream_readers(bi) if options.learn_loss in ("postnorm", "lookahead") else None,
+                                             ahead=self.block_ahead(bi) if options.learn_loss == "lookahead" else None),
                         xs_float=self.xs_float, init=init, init_name=options.learn_init)
                 self.records["learned"][bi] = rec
                 if not rec["kept"]:  # the starting point is kept: round to nearest where no GPTQ/AWQ start was made

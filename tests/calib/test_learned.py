@@ -326,3 +326,54 @@ def test_the_postnorm_loss_streamed_from_disk_equals_in_memory_and_beats_rtn(tmp
         err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
                for k, m in (("learned", learnt), ("rtn", rtn))}
     assert err["learned"] < err["rtn"], err
+
+
+def test_the_lookahead_loss_is_the_mean_of_this_and_the_next_blocks_postnorm_errors():
+    """_loss with a block ahead: the block's output goes on through the float next block; the loss is the
+    mean of the postnorm error at the block's output and at the next block's, against the next block's
+    float outputs. The next block is never trained: no gradient reaches its weights."""
+    from lowbit.calib.learned import _loss
+    from lowbit.calib.sequential import _BlockLoop
+
+    model = _random_norms(make_tiny_llama())
+    loop = _BlockLoop(model, W4, "learned", None, CalibOptions(learn_loss="lookahead"), None)
+    layer, nxt = model.model.layers[0], model.model.layers[1]
+    kw = _layer0_kwargs(model, 6)
+    nxt_kw = dict(kw)  # the tiny Llama's blocks share their rotary tables and mask
+    xs = [torch.randn(1, 6, 64) for _ in range(3)]
+    with torch.no_grad():
+        ys = [learned._block_out(layer(x + 0.1 * torch.randn_like(x), **kw)) for x in xs]
+        ys2 = [learned._block_out(nxt(y, **nxt_kw)) for y in ys]
+        r0, r1 = loop.stream_readers(0), loop.stream_readers(1)
+        got = _loss(layer, xs, ys, kw, "cpu", [0, 1, 2], "lookahead", None, r0, (nxt, nxt_kw, r1), ys2)
+        y = torch.cat([learned._block_out(layer(x, **kw)) for x in xs])
+        want = (learned._err(y, torch.cat(ys), "postnorm", readers=r0)
+                + learned._err(learned._block_out(nxt(y, **nxt_kw)), torch.cat(ys2), "postnorm", readers=r1)) / 2
+    torch.testing.assert_close(got, want)
+    assert float(got) != float(learned._err(y, torch.cat(ys), "postnorm", readers=r0))
+
+
+def test_the_lookahead_loss_streamed_equals_in_memory_freezes_the_block_ahead_and_beats_rtn(tmp_path):
+    """Streamed, the block ahead is read from the checkpoint a block early: the same result as in memory.
+    Every block but the last records "lookahead" (the last has no block ahead: postnorm); the model's
+    parameters keep the requires_grad they had; 100 steps end closer to the float model than round to
+    nearest."""
+    from tests.conftest import save_hf
+
+    opts = CalibOptions(learn_steps=20, learn_batch=2, learn_loss="lookahead")
+    folder = save_hf(_random_norms(make_tiny_llama()), tmp_path / "tiny")
+    streamed = streamed_from(folder, W4, "learned", options=opts)
+    data = load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48)
+    model = _random_norms(make_tiny_llama())
+    in_mem = in_memory(W4, "learned", data, opts, model=model)
+    assert same_state(streamed.module, in_mem.module)
+    losses = {bi: b["loss"] for bi, b in streamed.calibration["learned_blocks"].items()}
+    assert losses == {0: "lookahead", 1: "postnorm (last block: no block ahead)"}, losses
+    assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+    learnt = in_memory(W4, "learned", data, CalibOptions(learn_steps=100, learn_batch=2, learn_loss="lookahead"),
+                       model=_random_norms(make_tiny_llama()))
+    rtn, ref = in_memory(W4, "rtn", data, model=_random_norms(make_tiny_llama())), _random_norms(make_tiny_llama())
+    with torch.no_grad():
+        err = {k: (m(data.ids).logits - ref(data.ids).logits).pow(2).mean().item()
+               for k, m in (("learned", learnt), ("rtn", rtn))}
+    assert err["learned"] < err["rtn"], err
