@@ -3,7 +3,7 @@ models (benchmarks/offgrid.py: their weights dithered off the 4/5-bit grid they 
 
     python benchmarks/learned_qat.py learned [--model smollm2-135m] [--schemes w4-g128,w3-g128] [--steps 200]
         [--learn-lr LR] [--learn-init rtn|gptq|awq] [--learn-loss relative|mse|normed|postnorm|lookahead] [--learn-batch B] [--calib-windows N] [--methods rtn,gptq,awq,learned]
-        [--blocks N]
+        [--blocks N] [--e2e-steps N [--e2e-lr LR] [--e2e-batch B]]
     python benchmarks/learned_qat.py qat [--model smollm2-135m] [--scheme w4-g128] [--qat-steps 260] [--batch 2] [--lr 5e-5]
 
 learned: RTN, GPTQ, AWQ and `--method learned` at each scheme on the same calibration windows (held-out
@@ -12,7 +12,8 @@ and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md; with --
 decoder blocks quantized, a probe for settings), "learned-<model>-firstN"; with --schemes other than the
 default, each scheme appended ("learned-<model>-w4-g128"); with --steps other than 200 or --learn-batch
 other than 4, "-<N>steps" or "-batch<B>"; with --learn-init gptq|awq, the start appended
-("learned-<model>-first4-awq"); with --learn-loss other than relative, the loss last ("-mse", "-normed").
+("learned-<model>-first4-awq"); with --learn-loss other than relative, the loss ("-mse", "-normed"); with
+--e2e-steps N (learned rounding, then the scales tuned end to end against the float logits), "-e2e<N>" last.
 
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
@@ -114,8 +115,11 @@ def learned(args) -> str:
                                                              seq_len=256, learn_steps=args.steps,
                                                              learn_lr=args.learn_lr, learn_init=args.learn_init,
                                                              learn_batch=args.learn_batch,
-                                                             learn_loss=args.learn_loss)
-            q = api.quantize(fresh(base), first_blocks(recipe(scheme), base, args.blocks), calib=calib)
+                                                             learn_loss=args.learn_loss,
+                                                             learn_e2e_steps=args.e2e_steps if method == "learned" else 0,
+                                                             learn_e2e_lr=args.e2e_lr, learn_e2e_batch=args.e2e_batch)
+            q = api.quantize(fresh(base), first_blocks(recipe(scheme), base, args.blocks), calib=calib,
+                             progress=_e2e_progress)
             secs = time.perf_counter() - t0
             r = kld(base, q, samples)
             if method == "learned":  # overfitting shows as a training loss far under the held-back one
@@ -124,6 +128,8 @@ def learned(args) -> str:
                                for k in ("loss_start", "loss_learned", "loss_train_first", "loss_train_last")}
                 r["kept"] = sum(b["kept"] for b in blocks)
                 r["n_blocks"] = len(blocks)
+                if "learned_e2e" in q.calibration:
+                    r["e2e"] = q.calibration["learned_e2e"]
             rows.append((scheme, method, r, secs))
             print(scheme, method, r, f"{secs:.0f} s", flush=True)
             del q
@@ -133,8 +139,15 @@ def learned(args) -> str:
                       + (f"-{args.steps}steps" if args.steps != 200 else "")
                       + (f"-batch{args.learn_batch}" if args.learn_batch != 4 else "")
                       + (f"-{args.learn_init}" if args.learn_init != "rtn" else "")
-                      + (f"-{args.learn_loss}" if args.learn_loss != "relative" else ""), body)
+                      + (f"-{args.learn_loss}" if args.learn_loss != "relative" else "")
+                      + (f"-e2e{args.e2e_steps}" if args.e2e_steps else ""), body)
     return body
+
+
+def _e2e_progress(msg: str, done: int, total: int) -> None:
+    """Only the end-to-end stage's training KL goes to the log (every 10th step), to watch a long run."""
+    if msg.startswith("end-to-end"):
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
 def first_blocks(rec, base, k: int | None):
@@ -162,7 +175,9 @@ def learned_table(args, data, rows) -> str:
              + (f" --calib-windows {args.calib_windows}" if args.calib_windows != 32 else "")
              + (f" --learn-batch {args.learn_batch}" if args.learn_batch != 4 else "")
              + (f" --learn-loss {args.learn_loss}" if args.learn_loss != "relative" else "")
-             + (f" --methods {args.methods}" if args.methods != "rtn,gptq,awq,learned" else "") + "` on "
+             + (f" --methods {args.methods}" if args.methods != "rtn,gptq,awq,learned" else "")
+             + (f" --e2e-steps {args.e2e_steps}" + (f" --e2e-lr {args.e2e_lr:g}" if args.e2e_lr != 1e-3 else "")
+                + (f" --e2e-batch {args.e2e_batch}" if args.e2e_batch != 1 else "") if args.e2e_steps else "") + "` on "
              f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}: the off-grid F32 variant of {args.model} "
              f"(benchmarks/offgrid.py), every method calibrated on the same {data.stats['tokens']} tokens of held-out "
              f"Wikipedia articles, mean KLD and top-1 against the F32 model on 16 x 256 other Wikipedia tokens. "
@@ -180,6 +195,10 @@ def learned_table(args, data, rows) -> str:
                              "the stream over its target's: at this block's output and at the output of the next "
                              "block, run in float on it (--learn-loss lookahead; the last block: the first alone)."}.get(
                  args.learn_loss, "each token's squared error over its target's squared norm.")
+             + (f" Then (--e2e-steps) the group scales of all blocks, codes fixed, tuned together for "
+                f"{args.e2e_steps} Adam steps (learning rate {args.e2e_lr:g} on log(scale), decayed to 0, "
+                f"{args.e2e_batch} window(s) a step) against the float model's next-token distribution (KL)."
+                if args.e2e_steps else "")
              + ("" if len({r[0] for r in rows}) == len(args.schemes.split(",")) else
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
@@ -196,6 +215,14 @@ def learned_table(args, data, rows) -> str:
             lines.append(f"- {scheme}: held-back {b['loss_start']:.4f} -> {b['loss_learned']:.4f}; training "
                          f"{b['loss_train_first']:.4f} -> {b['loss_train_last']:.4f}; learned result kept in "
                          f"{r['kept']} of {r['n_blocks']} blocks.")
+            if "e2e" in r:
+                e = r["e2e"]
+                lines.append(f"- {scheme}, end-to-end scales: KL on the {e.get('held_back_windows')} held-back windows "
+                             f"{e.get('kl_start', float('nan')):.4f} -> {e.get('kl_learned', float('nan')):.4f}; training "
+                             f"{e.get('kl_train_first') or float('nan'):.4f} -> {e.get('kl_train_last') or float('nan'):.4f}; "
+                             f"{'kept' if e.get('kept') else 'not kept (the block-wise scales stay)'}; mean |log scale "
+                             f"change| {e.get('scale_change_mean', float('nan')):.4f} (max {e.get('scale_change_max', float('nan')):.3f}); "
+                             f"{e.get('seconds', 0):.0f} s of the learned time.")
     return "\n".join(lines)
 
 
@@ -264,6 +291,10 @@ def main() -> None:
                          "per channel by the reading norms' squared gains (normed), the relative error after "
                          "those norms (postnorm), that and the same one block further on (lookahead), or plain MSE")
     ap.add_argument("--learn-batch", type=int, default=4, help="learned rounding: calibration windows per step")
+    ap.add_argument("--e2e-steps", type=int, default=0,
+                    help="learned: then tune all blocks' group scales against the float logits for N steps (0: off)")
+    ap.add_argument("--e2e-lr", type=float, default=1e-3, help="that stage's Adam learning rate on log(scale)")
+    ap.add_argument("--e2e-batch", type=int, default=1, help="that stage's windows per step")
     ap.add_argument("--methods", default="rtn,gptq,awq,learned", help="learned: the methods to run (gptq among them)")
     ap.add_argument("--blocks", type=int, default=None,
                     help="learned: quantize only the first N decoder blocks (a probe; its own section)")

@@ -73,7 +73,7 @@ def quantize(
     method: Optional[str] = typer.Option(None, "--method",
         help="rtn (no calibration), rtn-mse (MSE-optimal clipping), gptq, awq, awq-gptq (AWQ scales, then GPTQ rounding), "
              "smoothquant (W8A8 recipes), or learned (rounding offsets and group ranges learned block by block "
-             "against the float model's activations; --learn-steps, --learn-init, --learn-loss). "
+             "against the float model's activations; --learn-steps, --learn-init, --learn-loss, --learn-e2e-steps). "
              "Default: the recipe's algorithm, or gptq when --calib is given."),
     calib: Optional[str] = typer.Option(None, "--calib",
         help="Calibration prompts: a .txt file, a .jsonl file (a 'text' field or chat 'messages'), or a built-in "
@@ -96,6 +96,13 @@ def quantize(
              "whole: their gains and their division by each token's RMS), lookahead (postnorm at this block's "
              "output and again after the next block, run in float on it, averaged: the error as the next "
              "block passes it on; one more float block in memory, about twice the time) or mse."),
+    learn_e2e_steps: int = typer.Option(0, "--learn-e2e-steps", min=0, max=100_000,
+        help="--method learned: after the blocks, tune every block's group scales together (codes fixed) for this "
+             "many Adam steps against the float model's next-token distribution (KL through the final norm "
+             "and the head), kept only if the KL on held-back windows drops. 0 (default): off. Costs a "
+             "forward and backward pass of the whole model per window, and its logits in memory."),
+    learn_e2e_lr: float = typer.Option(1e-3, "--learn-e2e-lr", min=0.0, help="--learn-e2e-steps: Adam's learning rate on log(scale)."),
+    learn_e2e_batch: int = typer.Option(1, "--learn-e2e-batch", min=1, help="--learn-e2e-steps: calibration windows per step."),
 ) -> None:
     """Quantize a model with a recipe and write a lowbit artifact folder.
 
@@ -115,7 +122,8 @@ def quantize(
     elif method or calib or rec.algorithm != "rtn":
         cfg = CalibConfig(method=method, data=calib or "mix", samples=samples, seq_len=seq_len, damp=damp,
                           act_order=act_order, alpha=alpha, learn_steps=learn_steps,
-                          learn_init=learn_init, learn_loss=learn_loss)
+                          learn_init=learn_init, learn_loss=learn_loss, learn_e2e_steps=learn_e2e_steps,
+                          learn_e2e_lr=learn_e2e_lr, learn_e2e_batch=learn_e2e_batch)
     method = method_for(rec, cfg)
     _quiet_transformers()
     t0 = time.perf_counter()

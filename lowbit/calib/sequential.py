@@ -59,6 +59,9 @@ class CalibOptions:
     learn_batch: int = 4  # learned rounding: calibration windows per step
     learn_init: str = "rtn"  # learned rounding: start from the nearest rounding ("rtn"), GPTQ's ("gptq") or AWQ's ("awq")
     learn_loss: str = "relative"  # learned rounding: LEARN_LOSSES, the forms of learned._err
+    learn_e2e_steps: int = 0  # learned rounding, then the group scales tuned against the float logits (e2e.py); 0: off
+    learn_e2e_lr: float = 1e-3  # that stage's Adam learning rate on log(scale)
+    learn_e2e_batch: int = 1  # that stage's windows per step
     device: str | None = None  # None: CUDA when present, else CPU
 
 
@@ -198,6 +201,12 @@ def check_method(method: str, recipe: Recipe, options: CalibOptions | None = Non
         raise LowbitError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
     if options is not None and options.learn_init not in LEARN_INITS:
         raise LowbitError(f"--learn-init '{options.learn_init}' is unknown; use one of {', '.join(LEARN_INITS)}")
+    if options is not None and options.learn_e2e_steps and method != "learned":
+        raise LowbitError(f"--learn-e2e-steps works with --method learned (it tunes the scales against the float "
+                          f"model's logits, which that method's float stream carries); got --method {method}; fix: "
+                          f"--method learned, or drop --learn-e2e-steps")
+    if options is not None and (options.learn_e2e_steps < 0 or options.learn_e2e_batch < 1 or not options.learn_e2e_lr > 0):
+        raise LowbitError("--learn-e2e-steps must be >= 0, --learn-e2e-batch >= 1 and --learn-e2e-lr > 0")
     if options is not None and options.learn_loss not in LEARN_LOSSES:
         raise LowbitError(f"--learn-loss '{options.learn_loss}' is unknown; use one of {', '.join(LEARN_LOSSES)}")
     if method != "rtn":
@@ -231,6 +240,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
     for bi in range(loop.n_blocks):
         loop.quantize_block(bi)
     loop.quantize_outside_blocks()
+    if method == "learned" and options.learn_e2e_steps:
+        loop.tune_end_to_end()
     round_kept(model, recipe.keep_dtype)
     if kernels:
         if progress:
@@ -240,7 +251,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, method: str, data: Cal
               "device": str(loop.device), "seconds": round(time.perf_counter() - t0, 1),
               "rtn_fallbacks": loop.records["fallbacks"],
               **({"awq_ratios": loop.records["awq_ratios"]} if loop.records["awq_ratios"] else {}),
-              **({"learned_blocks": loop.records["learned"]} if loop.records["learned"] else {})}
+              **({"learned_blocks": loop.records["learned"]} if loop.records["learned"] else {}),
+              **({"learned_e2e": loop.records["e2e"]} if "e2e" in loop.records else {})}
     return Calibrated(loop.plans, replace(recipe, algorithm=method), loop.imatrix, record)
 
 
@@ -290,6 +302,8 @@ class _BlockLoop:
         self.xs = [x.to(self.dtype) for x in store["inputs"]]  # samples x (1, seq, hidden), on the CPU
         # learned rounding: the float model's own inputs to each block as well, for its targets (see learned.py)
         self.xs_float = list(self.xs) if self.method == "learned" else None
+        # the end-to-end stage starts again from block 0's inputs (the list's items are replaced, not changed)
+        self.x0s = list(self.xs) if self.method == "learned" and self.options.learn_e2e_steps else None
         self.block_kwargs = store["kwargs"]
         if self.source is not None:  # the embedding table is not needed again until the end: back to disk meanwhile
             _offload(model, self.early)
@@ -447,6 +461,28 @@ class _BlockLoop:
         if progress:
             progress("the embedding", n_blocks, n_blocks)
         _fill(model, self.source, [n for n in self.early if n not in rest], self.dtype)  # after the head's peak
+
+
+    def tune_end_to_end(self) -> None:
+        """After every block and the head: the group scales of the blocks' weight-only int Linears tuned
+        against the float model's logits (e2e.py), on the same windows: block 0's inputs and the float
+        stream's last hidden states, through the final norm and the head."""
+        from lowbit.calib import e2e
+
+        opts, progress = self.options, self.progress
+        readers = self.stream_readers(self.n_blocks - 1)
+        if not readers:
+            self.records["e2e"] = {"steps": 0, "kept": False, "skipped": "no final norm found"}
+            return
+        say = (lambda msg: progress(msg, self.n_blocks, self.n_blocks)) if progress else None
+        self.model.to(self.device)
+        self.records["e2e"] = e2e.tune_scales(
+            self.model, self.layers, readers[0].to(self.device), self.x0s, self.xs_float,
+            [_to(self.block_kwargs[i], self.device) for i in range(self.n_blocks)], self.device, opts.learn_e2e_steps,
+            lr=opts.learn_e2e_lr, batch=opts.learn_e2e_batch, say=say)
+        self.model.to("cpu")
+        self.x0s = None
+        release_memory()
 
 
 class _AllSeen(Exception):

@@ -38,3 +38,17 @@ def test_quantize_bad_calibration_exits_2(tiny_dir, tmp_path):
     r = run("quantize", "--model", tiny_dir, "--recipe", "w4-g32", "--method", "learned", "--learn-loss", "l1",
             "--out", out)
     assert_clean_failure(r, "--learn-loss 'l1' is unknown; use one of relative, mse, normed, postnorm", out=out)
+    r = run("quantize", "--model", tiny_dir, "--recipe", "w4-g32", "--method", "gptq", "--learn-e2e-steps", 5,
+            "--out", out)
+    assert_clean_failure(r, "--learn-e2e-steps works with --method learned", out=out)
+
+
+def test_quantize_learned_with_end_to_end_scales_records_the_stage(tiny_dir, tmp_path):
+    out = tmp_path / "art"
+    r = run("quantize", "--model", tiny_dir, "--recipe", "w4-g32", "--method", "learned", "--calib", "wikipedia",
+            "--samples", 4, "--seq-len", 32, "--learn-steps", 5, "--learn-e2e-steps", 6, "--learn-e2e-lr", 0.005,
+            "--out", out)
+    assert r.exit_code == 0, r.output
+    e2e = json.loads((out / "lowbit.json").read_text())["calibration"]["learned_e2e"]
+    assert e2e["steps"] == 6 and e2e["lr"] == 0.005 and e2e["layers"] == 14
+    assert e2e["kl_start"] > 0 and e2e["kept"] == (e2e["kl_learned"] < e2e["kl_start"])
