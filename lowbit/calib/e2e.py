@@ -17,8 +17,11 @@ Codes fixed, a scale per group: the artifact keeps its format (only the scale te
 cast back to their storage dtype). As in the block stage, the result is kept only if the KL on the
 held-back windows (the last eighth) went down, else the scales the blocks left are kept (recorded).
 
-Memory: the whole quantized model with one float copy of each quantized weight's codes (4 bytes per
-weight) and the logits of a step's windows (tokens x vocabulary, with their gradients). Weight-only
+Memory: the whole quantized model (the streaming loop holds it by then anyway), each quantized weight's
+code minus its zero point as a small integer (1 byte a weight up to 7 bits, else 2), and during each
+step the float weights autograd keeps for the backward pass (4 bytes for every quantized weight of the
+blocks: the float blocks' size) and the logits of the step's windows (tokens x vocabulary, with their
+gradients). So this stage does not keep the streaming loop's one-block memory bound: it is opt-in. Weight-only
 integer layers only: int8-activation layers and the head keep their scales (a quantized head serves
 teacher and student alike, as its dequantized weight: the CPU kernels pass no gradient).
 """
@@ -45,26 +48,26 @@ class _Scaled(nn.Module):
         self.q = q
         t = dict(q.qtensor().tensors)
         self.spec = q.spec
-        codes = int_codes(q.qtensor()).float()  # stored column order
+        codes = int_codes(q.qtensor())  # stored column order
         rows, cols = codes.shape
         self.s0 = t["scale"].float().reshape(rows, -1)
         self.gs = cols // self.s0.shape[1]
         zero = zero_of(t)
         self.offset = None
+        base = codes.reshape(rows, -1, self.gs).to(torch.int16)
         if zero is not None and zero.is_floating_point():
             self.offset = zero.float().reshape(rows, -1, 1)
-            base = codes.reshape(rows, -1, self.gs)
-        else:
-            z = 0.0 if zero is None else zero.float().reshape(rows, -1, 1)
-            base = codes.reshape(rows, -1, self.gs) - z
-        self.base = base  # (rows, n_groups, group): code minus zero point
+        elif zero is not None:
+            base = base - zero.to(torch.int16).reshape(rows, -1, 1)
+        # (rows, n_groups, group): code minus zero point, held as small integers (1-2 bytes a weight, not 4)
+        self.base = base.to(torch.int8) if self.spec.bits <= 7 else base
         perm = t.get("perm")
         self.inv = None if perm is None else torch.argsort(perm.long())
         self.m = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = q.bias
 
     def weight(self) -> torch.Tensor:
-        w = self.base * (self.s0 * torch.exp(self.m)).unsqueeze(-1)
+        w = self.base.float() * (self.s0 * torch.exp(self.m)).unsqueeze(-1)
         if self.offset is not None:
             w = w + self.offset
         w = w.reshape(self.base.shape[0], -1)
@@ -84,7 +87,9 @@ class _Scaled(nn.Module):
 
 
 def tunable(q) -> bool:
-    return isinstance(q, QLinear) and q.spec.kind == "int" and q.spec.activation == "none" and q.spec.bits < 16
+    """A weight-only integer QLinear with a scale per row or per group (a per-tensor scale is left alone)."""
+    return (isinstance(q, QLinear) and q.spec.kind == "int" and q.spec.activation == "none" and q.spec.bits <= 8
+            and q.spec.granularity in ("channel", "group"))
 
 
 def _head(model: nn.Module):
