@@ -87,3 +87,13 @@ def test_end_to_end_needs_the_learned_method_and_sane_settings():
         in_memory(W4, "gptq", data, CalibOptions(learn_e2e_steps=5))
     with pytest.raises(LowbitError, match="--learn-e2e-batch >= 1"):
         in_memory(W4, "learned", data, CalibOptions(**BLOCKS, learn_e2e_steps=5, learn_e2e_batch=0))
+
+
+def test_only_weight_only_integer_layers_with_row_or_group_scales_are_tuned():
+    w = torch.randn(32, 64)
+    assert e2e.tunable(QLinear.from_weight(w, QuantSpec(kind="int", bits=4, granularity="group", group_size=32)))
+    assert e2e.tunable(QLinear.from_weight(w, QuantSpec(kind="int", bits=8, granularity="channel")))
+    assert not e2e.tunable(QLinear.from_weight(w, QuantSpec(kind="int", bits=8, granularity="tensor")))
+    assert not e2e.tunable(QLinear.from_weight(w, QuantSpec(kind="int", bits=8, granularity="channel",
+                                                            activation="int8_dynamic")))
+    assert not e2e.tunable(torch.nn.Linear(64, 32))
