@@ -215,14 +215,15 @@ def learned_table(args, data, rows) -> str:
             lines.append(f"- {scheme}: held-back {b['loss_start']:.4f} -> {b['loss_learned']:.4f}; training "
                          f"{b['loss_train_first']:.4f} -> {b['loss_train_last']:.4f}; learned result kept in "
                          f"{r['kept']} of {r['n_blocks']} blocks.")
-            if "e2e" in r:
-                e = r["e2e"]
-                lines.append(f"- {scheme}, end-to-end scales: KL on the {e.get('held_back_windows')} held-back windows "
-                             f"{e.get('kl_start', float('nan')):.4f} -> {e.get('kl_learned', float('nan')):.4f}; training "
-                             f"{e.get('kl_train_first') or float('nan'):.4f} -> {e.get('kl_train_last') or float('nan'):.4f}; "
-                             f"{'kept' if e.get('kept') else 'not kept (the block-wise scales stay)'}; mean |log scale "
-                             f"change| {e.get('scale_change_mean', float('nan')):.4f} (max {e.get('scale_change_max', float('nan')):.3f}); "
-                             f"{e.get('seconds', 0):.0f} s of the learned time.")
+            e = r.get("e2e")
+            if e and "skipped" in e:
+                lines.append(f"- {scheme}, end-to-end scales: skipped ({e['skipped']}).")
+            elif e:
+                lines.append(f"- {scheme}, end-to-end scales: KL on the {e['held_back_windows']} held-back windows "
+                             f"{e['kl_start']:.4f} -> {e['kl_learned']:.4f}; training {e['kl_train_first']:.4f} -> "
+                             f"{e['kl_train_last']:.4f}; {'kept' if e['kept'] else 'not kept (the block-wise scales stay)'}; "
+                             f"mean |log scale change| {e['scale_change_mean']:.4f} (max {e['scale_change_max']:.3f}); "
+                             f"{e['seconds']:.0f} s of the learned time.")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ cast back to their storage dtype). As in the block stage, the result is kept onl
 held-back windows (the last eighth) went down, else the scales the blocks left are kept (recorded).
 
 Memory: the whole quantized model (the streaming loop holds it by then anyway), each quantized weight's
-code minus its zero point as a small integer (1 byte a weight up to 7 bits, else 2), and during each
+code unpacked to one byte, and during each
 step the float weights autograd keeps for the backward pass (4 bytes for every quantized weight of the
 blocks: the float blocks' size) and the logits of the step's windows (tokens x vocabulary, with their
 gradients). So this stage does not keep the streaming loop's one-block memory bound: it is opt-in. Weight-only
@@ -35,54 +35,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.calib.learned import held_back
 from lowbit.calib.sequential import _block_out
+from lowbit.eval.metrics import kld
+from lowbit.formats import affine
 from lowbit.formats.qtensor import int_codes, zero_of
 from lowbit.model.qlinear import QLinear
 
 
 class _Scaled(nn.Module):
-    """A weight-only int QLinear as a float Linear whose group scales are s0 * exp(m), m learnable."""
+    """A weight-only int QLinear as a float Linear whose scales are s0 * exp(m), m learnable; the weight is
+    the format's own dequantization (affine.dequantize) of the fixed codes with those scales."""
 
     def __init__(self, q: QLinear) -> None:
         super().__init__()
-        self.q = q
-        t = dict(q.qtensor().tensors)
-        self.spec = q.spec
-        codes = int_codes(q.qtensor())  # stored column order
-        rows, cols = codes.shape
-        self.s0 = t["scale"].float().reshape(rows, -1)
-        self.gs = cols // self.s0.shape[1]
-        zero = zero_of(t)
-        self.offset = None
-        base = codes.reshape(rows, -1, self.gs).to(torch.int16)
-        if zero is not None and zero.is_floating_point():
-            self.offset = zero.float().reshape(rows, -1, 1)
-        elif zero is not None:
-            base = base - zero.to(torch.int16).reshape(rows, -1, 1)
-        # (rows, n_groups, group): code minus zero point, held as small integers (1-2 bytes a weight, not 4)
-        self.base = base.to(torch.int8) if self.spec.bits <= 7 else base
-        perm = t.get("perm")
-        self.inv = None if perm is None else torch.argsort(perm.long())
+        self.q, self.spec, self.bias = q, q.spec, q.bias
+        t = q.qtensor().tensors
+        # one byte a weight whatever the width: signed codes when symmetric, 0..2**b-1 otherwise
+        self.codes = int_codes(q.qtensor()).to(torch.int8 if q.spec.symmetric else torch.uint8)
+        self.zero = zero_of(t)
+        self.s0 = t["scale"].float()
+        self.inv = None if "perm" not in t else torch.argsort(t["perm"].long())  # stored order -> input order
         self.m = nn.Parameter(torch.zeros_like(self.s0))
-        self.bias = q.bias
+
+    def scale(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.m)
 
     def weight(self) -> torch.Tensor:
-        w = self.base.float() * (self.s0 * torch.exp(self.m)).unsqueeze(-1)
-        if self.offset is not None:
-            w = w + self.offset
-        w = w.reshape(self.base.shape[0], -1)
+        w = affine.dequantize(self.codes, self.scale(), self.zero, self.spec)
         return w if self.inv is None else w[:, self.inv]
 
     def forward(self, x):
         return F.linear(x, self.weight().to(x.dtype), self.bias)
 
     def qlinear(self) -> QLinear:
-        """The QLinear with the learned scales in the stored scale's dtype and shape; codes untouched."""
+        """The QLinear with the learned scales in their storage dtype; codes untouched."""
         q = self.q
         t = dict(q.qtensor().tensors)
         with torch.no_grad():
-            scale = (self.s0 * torch.exp(self.m)).to(t["scale"].dtype).reshape(t["scale"].shape)
-        t["scale"] = scale
+            t["scale"] = affine._store_scale(self.scale(), self.spec)
         return QLinear(q.in_features, q.out_features, q.spec, t, q.bias)
 
 
@@ -109,13 +100,6 @@ def _logits(model: nn.Module, head, norm: nn.Module, h: torch.Tensor) -> torch.T
     return torch.tanh(z / cap) * cap if cap else z
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), both logits (..., vocab)."""
-    lt = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]), -1)
-    ls = F.log_softmax(student.reshape(-1, student.shape[-1]), -1)
-    return (lt.exp() * (lt - ls)).sum(-1).mean()
-
-
 def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: list[torch.Tensor],
                 hs_float: list[torch.Tensor], kwargs: list[dict], device, steps: int, lr: float = 1e-3,
                 batch: int = 1, seed: int = 0, say=None) -> dict:
@@ -124,6 +108,7 @@ def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: l
     hs_float: the float model's last hidden states on them (before the final norm); kwargs: per block, what
     it gets besides the stream (masks, rotary tables). Returns a record."""
     t0 = time.perf_counter()
+    frozen = [p for p in model.parameters() if p.requires_grad]  # only the scales learn
     swapped: list[tuple[nn.Module, str, _Scaled]] = []
     for layer in layers:
         for name, mod in list(layer.named_modules()):
@@ -136,13 +121,9 @@ def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: l
     if not swapped:
         return {"steps": 0, "kept": False, "skipped": "no weight-only integer Linear in the blocks"}
     params = [s.m for _, _, s in swapped]
-    mine = {id(p) for p in params}
-    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
     for p in frozen:
         p.requires_grad_(False)
-    n = len(x0s)
-    held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]
-    train = [i for i in range(n) if i not in held] or held
+    held, train = held_back(len(x0s))
     rng = torch.Generator().manual_seed(seed)
     head = _head(model)
 
@@ -158,7 +139,7 @@ def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: l
                 h = _block_out(layer(h, **kw))
             with torch.no_grad():
                 t = _logits(model, head, norm, torch.cat([hs_float[i] for i in g]).to(device))
-            total = total + _kl(_logits(model, head, norm, h), t) * len(g)
+            total = total + kld(t, _logits(model, head, norm, h)).mean() * len(g)
         return total / len(idx)
 
     def held_kl() -> float:

@@ -199,6 +199,13 @@ def _range_of(qt: QTensor, spec: QuantSpec, qmax: int) -> tuple[torch.Tensor, to
     return -z * s, (qmax - z) * s
 
 
+def held_back(n: int) -> tuple[list[int], list[int]]:
+    """(held-back, training) window indices: the last eighth (at least one) judges the result; with one
+    window it serves both."""
+    held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]
+    return held, [i for i in range(n) if i not in held] or held
+
+
 def _mean(v: list[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
@@ -267,9 +274,7 @@ def learn_block(layer: nn.Module, linears: dict[str, nn.Linear], specs: dict[str
         with torch.no_grad():
             ys2 = [_block_out(nxt(y.to(device), **nkw)).to("cpu", y.dtype) for y in ys]
     rng = torch.Generator().manual_seed(options.seed)
-    n = len(xs)
-    held = list(range(n))[-max(1, n // 8):] if n > 1 else [0]  # held back to judge the result
-    train = [i for i in range(n) if i not in held] or held
+    held, train = held_back(len(xs))
     init = init or {}
     roundings = {name: _Rounding(m.weight, specs[name], init.get(name),
                                  learn_range=name not in init or init_name != "gptq")

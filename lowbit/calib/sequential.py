@@ -462,7 +462,6 @@ class _BlockLoop:
             progress("the embedding", n_blocks, n_blocks)
         _fill(model, self.source, [n for n in self.early if n not in rest], self.dtype)  # after the head's peak
 
-
     def tune_end_to_end(self) -> None:
         """After every block and the head: the group scales of the blocks' weight-only int Linears tuned
         against the float model's logits (e2e.py), on the same windows: block 0's inputs and the float
