@@ -205,8 +205,12 @@ def check_method(method: str, recipe: Recipe, options: CalibOptions | None = Non
         raise LowbitError(f"--learn-e2e-steps works with --method learned (it tunes the scales against the float "
                           f"model's logits, which that method's float stream carries); got --method {method}; fix: "
                           f"--method learned, or drop --learn-e2e-steps")
-    if options is not None and (options.learn_e2e_steps < 0 or options.learn_e2e_batch < 1 or not options.learn_e2e_lr > 0):
-        raise LowbitError("--learn-e2e-steps must be >= 0, --learn-e2e-batch >= 1 and --learn-e2e-lr > 0")
+    if options is not None:
+        for flag, value, ok, need in (("--learn-e2e-steps", options.learn_e2e_steps, options.learn_e2e_steps >= 0, ">= 0"),
+                                      ("--learn-e2e-batch", options.learn_e2e_batch, options.learn_e2e_batch >= 1, ">= 1"),
+                                      ("--learn-e2e-lr", options.learn_e2e_lr, options.learn_e2e_lr > 0, "> 0 (default 1e-3)")):
+            if not ok:
+                raise LowbitError(f"{flag} is {value}; it must be {need}")
     if options is not None and options.learn_loss not in LEARN_LOSSES:
         raise LowbitError(f"--learn-loss '{options.learn_loss}' is unknown; use one of {', '.join(LEARN_LOSSES)}")
     if method != "rtn":

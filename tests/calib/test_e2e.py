@@ -86,8 +86,10 @@ def test_end_to_end_needs_the_learned_method_and_sane_settings():
     data = load_calibration(TEXTS, make_tokenizer(), samples=2, seq_len=48)
     with pytest.raises(LowbitError, match="--learn-e2e-steps works with --method learned"):
         in_memory(W4, "gptq", data, CalibOptions(learn_e2e_steps=5))
-    with pytest.raises(LowbitError, match="--learn-e2e-batch >= 1"):
+    with pytest.raises(LowbitError, match="--learn-e2e-batch is 0; it must be >= 1"):
         in_memory(W4, "learned", data, CalibOptions(**BLOCKS, learn_e2e_steps=5, learn_e2e_batch=0))
+    with pytest.raises(LowbitError, match=r"--learn-e2e-lr is 0.0; it must be > 0"):
+        in_memory(W4, "learned", data, CalibOptions(**BLOCKS, learn_e2e_steps=5, learn_e2e_lr=0.0))
 
 
 def test_only_weight_only_integer_layers_with_row_or_group_scales_are_tuned():
