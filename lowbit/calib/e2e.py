@@ -37,7 +37,6 @@ from torch import nn
 
 from lowbit.calib.learned import held_back
 from lowbit.calib.sequential import _block_out
-from lowbit.eval.metrics import kld
 from lowbit.formats import affine
 from lowbit.formats.qtensor import int_codes, zero_of
 from lowbit.model.qlinear import QLinear
@@ -100,6 +99,14 @@ def _logits(model: nn.Module, head, norm: nn.Module, h: torch.Tensor) -> torch.T
     return torch.tanh(z / cap) * cap if cap else z
 
 
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) from logits (..., vocab): eval.metrics.kld's formula,
+    written here because calib sits a layer below eval and may not import it (docs/ARCHITECTURE.md,
+    tests/test_layers.py)."""
+    lt, ls = teacher.log_softmax(-1), student.log_softmax(-1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
 def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: list[torch.Tensor],
                 hs_float: list[torch.Tensor], kwargs: list[dict], device, steps: int, lr: float = 1e-3,
                 batch: int = 1, seed: int = 0, say=None) -> dict:
@@ -139,7 +146,7 @@ def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: l
                 h = _block_out(layer(h, **kw))
             with torch.no_grad():
                 t = _logits(model, head, norm, torch.cat([hs_float[i] for i in g]).to(device))
-            total = total + kld(t, _logits(model, head, norm, h)).mean() * len(g)
+            total = total + _kl(t, _logits(model, head, norm, h)) * len(g)
         return total / len(idx)
 
     def held_kl() -> float:
