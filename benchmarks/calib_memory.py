@@ -3,6 +3,7 @@ bundled model.
 
     .venv/bin/python benchmarks/calib_memory.py capped [--layers 22 --hidden 2048 --intermediate 5632]
         [--cap-gb 2.0] [--limit cgroup|rlimit] [--method gptq] [--samples 8] [--seq-len 256] [--learn-steps 200]
+        [--learn-e2e-steps N]
     .venv/bin/python benchmarks/calib_memory.py speed [--model smollm2-135m] [--samples 128] [--seq-len 512]
 
 capped: saves a random-initialised Llama (default about 1.2B parameters, 4.8 GB as FP32 safetensors),
@@ -16,7 +17,7 @@ RSS (VmHWM) and peak address space (VmPeak). Loading the float model whole could
 cap; the block-by-block loop does.
 speed: `lowbit quantize --method gptq` on the bundled model in a child process: wall time, peak RSS.
 Each writes its own section of docs/BENCHMARKS.md (capped: "calibrated-capped" for GPTQ,
-"calibrated-capped-<method>" for the others).
+"calibrated-capped-<method>" for the others, "-e2e<N>" appended with --learn-e2e-steps).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ phase, peaks = ["calibration data"], {{}}
 def report():  # one line per finished phase, flushed, so a killed run still says how far it got
     print(json.dumps({{"phase": phase[0], "peak_rss_kb": peaks.get(phase[0], 0)}}), flush=True)
 def progress(msg, i, n):
-    name = "blocks" if msg.startswith("block") else msg
+    name = "blocks" if msg.startswith("block") else "end-to-end scales" if msg.startswith("end-to-end") else msg
     if name != phase[0]:
         report()
         phase[0] = name
@@ -62,7 +63,7 @@ threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 lowbit.quantize({folder!r}, "w4-g128", out={out!r}, progress=progress,  # as `lowbit quantize` does
                 calib=CalibConfig(method={method!r}, data="wikipedia", samples={samples}, seq_len={seq_len},
-                                  learn_steps={learn_steps}))
+                                  learn_steps={learn_steps}, learn_e2e_steps={e2e_steps}))
 report()
 status = {{l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('VmHWM', 'VmPeak'))}}
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_kb": status["VmHWM"], "peak_vm_kb": status["VmPeak"]}}))
@@ -122,7 +123,8 @@ def capped(args) -> None:
         print(f"saved {n / 1e9:.2f}B parameters, {size / 1e9:.2f} GB, in {time.perf_counter() - t0:.0f} s", flush=True)
         cap = int(args.cap_gb * 1e9)
         code = CHILD.format(root=str(ROOT), folder=str(folder), method=args.method, samples=args.samples,
-                            seq_len=args.seq_len, out=str(Path(tmp) / "w4"), learn_steps=args.learn_steps)
+                            seq_len=args.seq_len, out=str(Path(tmp) / "w4"), learn_steps=args.learn_steps,
+                            e2e_steps=args.learn_e2e_steps)
         env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
         kind = args.limit or ("cgroup" if cgroup_ok() else "rlimit")
         group = make_group(cap) if kind == "cgroup" else None
@@ -144,7 +146,8 @@ def capped(args) -> None:
         "",
         f"Written by `benchmarks/calib_memory.py capped --layers {args.layers} --hidden {args.hidden} --intermediate "
         f"{args.intermediate} --cap-gb {args.cap_gb} --method {args.method} --samples {args.samples} --seq-len "
-        f"{args.seq_len}" + (f" --learn-steps {args.learn_steps}" if args.method == "learned" else "") + f" --limit {kind}` on {time.strftime('%Y-%m-%d')}: a random-initialised Llama of {n / 1e9:.2f}B "
+        f"{args.seq_len}" + (f" --learn-steps {args.learn_steps}" if args.method == "learned" else "")
+        + (f" --learn-e2e-steps {args.learn_e2e_steps}" if args.learn_e2e_steps else "") + f" --limit {kind}` on {time.strftime('%Y-%m-%d')}: a random-initialised Llama of {n / 1e9:.2f}B "
         f"parameters saved as FP32 safetensors ({size / 1e9:.2f} GB), quantized to w4-g128 with {args.method} in a child "
         f"process held to {args.cap_gb} GB: "
         + ("a memory cgroup of that size (resident memory and page cache count; past it the kernel kills the child)."
@@ -164,7 +167,8 @@ def capped(args) -> None:
         if phases else "No phase finished.",
     ]
     # GPTQ keeps the section name it was first recorded under; other methods get their own
-    write_section(args.out, "calibrated-capped" + ("" if args.method == "gptq" else f"-{args.method}"), "\n".join(lines))
+    write_section(args.out, "calibrated-capped" + ("" if args.method == "gptq" else f"-{args.method}")
+                  + (f"-e2e{args.learn_e2e_steps}" if args.learn_e2e_steps else ""), "\n".join(lines))
     print(f"wrote {args.out}")
 
 
@@ -265,6 +269,8 @@ def main() -> None:
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--learn-steps", type=int, default=200,
                    help="--method learned: steps per block (memory does not grow with them; time does)")
+    c.add_argument("--learn-e2e-steps", type=int, default=0,
+                   help="--method learned: then that many end-to-end scale steps (0: off)")
     c.add_argument("--tmp", default=None, help="folder for the temporary checkpoint (needs its size free)")
     s = sub.add_parser("speed")
     s.add_argument("--model", default="smollm2-135m")

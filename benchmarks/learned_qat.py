@@ -11,9 +11,10 @@ Wikipedia articles), mean KLD and top-1 against the off-grid FP32 model on other
 and each method's time. Section "learned-<model>" of docs/BENCHMARKS.md; with --blocks N (only the first N
 decoder blocks quantized, a probe for settings), "learned-<model>-firstN"; with --schemes other than the
 default, each scheme appended ("learned-<model>-w4-g128"); with --steps other than 200 or --learn-batch
-other than 4, "-<N>steps" or "-batch<B>"; with --learn-init gptq|awq, the start appended
+other than 4, "-<N>steps" or "-batch<B>"; with --calib-windows other than 32 or 256, "-<N>windows"; with --learn-init gptq|awq, the start appended
 ("learned-<model>-first4-awq"); with --learn-loss other than relative, the loss ("-mse", "-normed"); with
---e2e-steps N (learned rounding, then the scales tuned end to end against the float logits), "-e2e<N>" last.
+--e2e-steps N (learned rounding, then the scales tuned end to end against the float logits), "-e2e<N>" last
+(then "-lr<LR>" and "-b<B>" for --e2e-lr other than 1e-3 and --e2e-batch other than 1).
 
 qat: `lowbit qat` for --qat-steps steps (distillation on the built-in mix set), then RTN, GPTQ and QAT
 against the same baseline: mean KLD, the share of RTN's gap QAT recovered, the quick default gate's
@@ -138,9 +139,11 @@ def learned(args) -> str:
                       + ("".join(f"-{s}" for s in schemes) if args.schemes != DEFAULT_SCHEMES else "")
                       + (f"-{args.steps}steps" if args.steps != 200 else "")
                       + (f"-batch{args.learn_batch}" if args.learn_batch != 4 else "")
+                      + (f"-{args.calib_windows}windows" if args.calib_windows not in (32, 256) else "")
                       + (f"-{args.learn_init}" if args.learn_init != "rtn" else "")
                       + (f"-{args.learn_loss}" if args.learn_loss != "relative" else "")
-                      + (f"-e2e{args.e2e_steps}" if args.e2e_steps else ""), body)
+                      + (f"-e2e{args.e2e_steps}" + (f"-lr{args.e2e_lr:g}" if args.e2e_lr != 1e-3 else "")
+                         + (f"-b{args.e2e_batch}" if args.e2e_batch != 1 else "") if args.e2e_steps else ""), body)
     return body
 
 

@@ -99,8 +99,10 @@ def quantize(
     learn_e2e_steps: int = typer.Option(0, "--learn-e2e-steps", min=0, max=100_000,
         help="--method learned: after the blocks, tune every block's group scales together (codes fixed) for this "
              "many Adam steps against the float model's next-token distribution (KL through the final norm "
-             "and the head), kept only if the KL on held-back windows drops. 0 (default): off. Costs a "
-             "forward and backward pass of the whole model per window, and its logits in memory."),
+             "and the head), kept only if the KL on held-back windows drops. 0 (default): off. Costs two "
+             "forward passes and a backward pass of the whole model per window (each block is run again in the "
+             "backward pass, so one block's float weights are held at a time), the codes at one byte a weight, "
+             "and the window's logits in memory."),
     learn_e2e_lr: float = typer.Option(1e-3, "--learn-e2e-lr", min=0.0, help="--learn-e2e-steps: Adam's learning rate on log(scale)."),
     learn_e2e_batch: int = typer.Option(1, "--learn-e2e-batch", min=1, help="--learn-e2e-steps: calibration windows per step."),
 ) -> None:

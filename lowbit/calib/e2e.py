@@ -18,10 +18,12 @@ cast back to their storage dtype). As in the block stage, the result is kept onl
 held-back windows (the last eighth) went down, else the scales the blocks left are kept (recorded).
 
 Memory: the whole quantized model (the streaming loop holds it by then anyway), each quantized weight's
-code unpacked to one byte, and during each
-step the float weights autograd keeps for the backward pass (4 bytes for every quantized weight of the
-blocks: the float blocks' size) and the logits of the step's windows (tokens x vocabulary, with their
-gradients). So this stage does not keep the streaming loop's one-block memory bound: it is opt-in. Weight-only
+code unpacked to one byte, two floats per group (s0 and m, and Adam's two moments of m), and during each
+step each block's input (tokens x hidden) and the logits of the step's windows (tokens x vocabulary, with
+their gradients). Each block runs under activation checkpointing: its float weights and inner
+activations are not kept for the backward pass but made again, one block at a time, when the backward
+pass reaches it (one more forward pass of the blocks a step). So the float weights of one block at a
+time, as in the streaming loop; the codes of all blocks are the difference (one byte a weight). Weight-only
 integer layers only: int8-activation layers and the head keep their scales (a quantized head serves
 teacher and student alike, as its dequantized weight: the CPU kernels pass no gradient).
 """
@@ -34,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lowbit.calib.learned import held_back
 from lowbit.calib.sequential import _block_out
@@ -99,6 +102,10 @@ def _logits(model: nn.Module, head, norm: nn.Module, h: torch.Tensor) -> torch.T
     return torch.tanh(z / cap) * cap if cap else z
 
 
+def _run_block(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    return _block_out(layer(h, **kw))
+
+
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) from logits (..., vocab): eval.metrics.kld's formula,
     written here because calib sits a layer below eval and may not import it (docs/ARCHITECTURE.md,
@@ -143,7 +150,10 @@ def tune_scales(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, x0s: l
         for g in groups:
             h = torch.cat([x0s[i] for i in g]).to(device)
             for layer, kw in zip(layers, kwargs):
-                h = _block_out(layer(h, **kw))
+                if torch.is_grad_enabled():  # keep only the block's input; its inside is run again in backward
+                    h = checkpoint(_run_block, layer, h, kw, use_reentrant=False)
+                else:
+                    h = _run_block(layer, h, kw)
             with torch.no_grad():
                 t = _logits(model, head, norm, torch.cat([hs_float[i] for i in g]).to(device))
             total = total + _kl(t, _logits(model, head, norm, h)) * len(g)

@@ -100,3 +100,28 @@ def test_only_weight_only_integer_layers_with_row_or_group_scales_are_tuned():
     assert not e2e.tunable(QLinear.from_weight(w, QuantSpec(kind="int", bits=8, granularity="channel",
                                                             activation="int8_dynamic")))
     assert not e2e.tunable(torch.nn.Linear(64, 32))
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_the_backward_pass_keeps_no_block_weight_under_checkpointing(monkeypatch, checkpointed):
+    """The memory bound: during the stage autograd saves no float weight of a block for the backward pass
+    (each block is run again when the backward pass reaches it). The control run without the checkpointing
+    does save them, so the check can fail."""
+    seen: list[tuple[int, ...]] = []
+    real = e2e.tune_scales
+
+    def watched(*a, **k):
+        def pack(t):
+            seen.append(tuple(t.shape))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return real(*a, **k)
+
+    monkeypatch.setattr(e2e, "tune_scales", watched)
+    if not checkpointed:
+        monkeypatch.setattr(e2e, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
+    data = load_calibration(TEXTS, make_tokenizer(), samples=4, seq_len=48)
+    tuned = in_memory(W4, "learned", data, CalibOptions(learn_steps=2, learn_batch=2, learn_e2e_steps=2))
+    weights = {(q.out_features, q.in_features) for q in _qlinears(tuned.module).values()}
+    assert seen  # the hooks did see the step's saved tensors (the head's, the KL's)
+    assert bool(weights & set(seen)) is not checkpointed, (weights, sorted(set(seen)))
