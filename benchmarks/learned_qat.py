@@ -206,8 +206,9 @@ def learned_table(args, data, rows) -> str:
                 f" Schemes measured so far: {', '.join(dict.fromkeys(r[0] for r in rows))}."), "",
              "| scheme | method | mean KLD | vs GPTQ | top-1 | time |", "|---|---|---|---|---|---|"]
     for scheme, method, r, secs in rows:
-        g = next(x[2]["kld"] for x in rows if x[0] == scheme and x[1] == "gptq")
-        lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {r['kld'] / g:.2f}x | {r['top1']:.3f} | {secs:.0f} s |")
+        g = next((x[2]["kld"] for x in rows if x[0] == scheme and x[1] == "gptq"), None)  # None: --methods without gptq
+        vs = "-" if g is None else f"{r['kld'] / g:.2f}x"
+        lines.append(f"| {scheme} | {method} | {r['kld']:.4f} | {vs} | {r['top1']:.3f} | {secs:.0f} s |")
     notes = [(scheme, r) for scheme, method, r, _ in rows if "blocks" in r]
     if notes:
         lines += ["", f"Learned rounding's block losses ({dict(mse='MSE', normed='norm-weighted relative squared error', postnorm='relative squared error after the next norms,', lookahead='relative squared error after the next norms, here and one block on,').get(args.learn_loss, 'relative squared error')} against the float model's activations, mean over blocks): "
