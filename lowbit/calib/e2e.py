@@ -18,7 +18,7 @@ cast back to their storage dtype). As in the block stage, the result is kept onl
 held-back windows (the last eighth) went down, else the scales the blocks left are kept (recorded).
 
 Memory: the whole quantized model (the streaming loop holds it by then anyway), each quantized weight's
-code unpacked to one byte, two floats per group (s0 and m, and Adam's two moments of m), and during each
+code unpacked to one byte, five floats per group (s0, m, m's gradient and Adam's two moments), and during each
 step each block's input (tokens x hidden) and the logits of the step's windows (tokens x vocabulary, with
 their gradients). Each block runs under activation checkpointing: its float weights and inner
 activations are not kept for the backward pass but made again, one block at a time, when the backward
